@@ -1,0 +1,68 @@
+"""An in-memory image classification dataset addressed by stable global sample index.
+
+Samples are gathered by index tensors rather than through a DataLoader: the data service
+decides which indices each rank trains on, and a batch is just `images[indices]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ImageArrays:
+    """Images as uint8 [N, C, H, W], labels as int64 [N]; row i is sample index i."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    mean: float = 0.5
+    std: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.images.dim() != 4 or self.images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must be [N] with N={self.images.shape[0]}, got {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def head(self, n: int | None) -> "ImageArrays":
+        """The first n samples (indices stay 0..n-1, so they remain stable)."""
+        if n is None or n >= len(self):
+            return self
+        return ImageArrays(self.images[:n], self.labels[:n], self.num_classes, self.mean, self.std)
+
+    def batch(self, indices: torch.Tensor, augment: bool = False,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised float images and labels for `indices`, optionally augmented."""
+        x = self.images[indices].float().div_(255.0)
+        if augment:
+            x = random_crop_flip(x, pad=2, generator=generator)
+        x = (x - self.mean) / self.std
+        return x, self.labels[indices]
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Per-sample random crop after zero padding, and random horizontal flip.
+
+    Uses an explicit generator so the augmentation of a given step is reproducible on resume.
+    """
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    rows = (dy[:, None] + torch.arange(h)[None, :])  # [n, h]
+    cols = (dx[:, None] + torch.arange(w)[None, :])  # [n, w]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch_idx = torch.arange(n)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch_idx, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()

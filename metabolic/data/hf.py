@@ -1,0 +1,66 @@
+"""Image classification data from Hugging Face `datasets`: a hub name, or local files.
+
+Hub loading is real code for users with a network; tests use local files only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from metabolic.data.arrays import ImageArrays
+from metabolic.data.idx import DatasetMissingError
+
+_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
+
+
+def _load_local(path: Path, split: str):
+    import datasets
+
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        return datasets.load_from_disk(str(path))[split]
+    if path.is_dir() and (path / "dataset_info.json").is_file() and split == "train":
+        return datasets.load_from_disk(str(path))
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in _FILE_BUILDERS and split in p.stem)
+        if not files:
+            raise DatasetMissingError(f"data.path '{path}' holds no {split} split "
+                                      f"(expected a save_to_disk folder or *{split}*.parquet/csv/json files)")
+        return datasets.load_dataset(_FILE_BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
+                                     split="train")
+    raise DatasetMissingError(f"data.path '{path}' does not exist")
+
+
+def load_hf_split(split: str, path: Optional[str] = None, hub_name: Optional[str] = None,
+                  image_key: str = "image", label_key: str = "label") -> ImageArrays:
+    """Load a split as ImageArrays from local files (preferred when present) or the hub."""
+    if path and Path(path).exists():
+        ds = _load_local(Path(path), split)
+    elif hub_name:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(hub_name, split=split)
+        except Exception as err:
+            raise DatasetMissingError(f"could not load data.hf_name '{hub_name}' split '{split}' "
+                                      f"from the hub ({type(err).__name__}: {err}); without a network, "
+                                      f"save it with datasets' save_to_disk and set data.path") from err
+    else:
+        raise DatasetMissingError(f"data.path '{path}' does not exist and data.hf_name is not set")
+    for key, name in ((image_key, "data.image_key"), (label_key, "data.label_key")):
+        if key not in ds.column_names:
+            raise ValueError(f"config key '{name}': column '{key}' not in dataset columns {ds.column_names}")
+    ds = ds.with_format("numpy")
+    images = np.stack([np.asarray(im, dtype=np.uint8) for im in ds[image_key]])
+    if images.ndim == 3:  # grayscale [N, H, W]
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3):  # channels-last
+        images = images.transpose(0, 3, 1, 2)
+    labels = np.asarray(ds[label_key], dtype=np.int64)
+    num_classes = int(labels.max()) + 1
+    feature = getattr(ds.features.get(label_key), "num_classes", None)
+    return ImageArrays(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels),
+                       num_classes=int(feature or num_classes))

@@ -1,0 +1,245 @@
+"""Typed experiment configuration: dataclass schema + OmegaConf YAML + dotlist overrides.
+
+Every field carries a one-line docstring (the string literal under it). Validation happens
+before anything is written, and every error names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet_small"
+    """Model family member: resnet_small, resnet18, mlp (classifiers)."""
+    width: int = 32
+    """Channels of the first stage (CNN) or hidden units (MLP)."""
+    depth: int = 2
+    """Residual blocks per stage (CNN) or hidden layers (MLP)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "idx"
+    """Dataset source: idx (IDX files) or hf (Hugging Face datasets)."""
+    path: str = "/usr/share/datasets/fashion-mnist"
+    """Folder of IDX files, or a local dataset folder/file for source=hf."""
+    hf_name: Optional[str] = None
+    """Hub dataset name for source=hf when online (e.g. zalando-datasets/fashion_mnist)."""
+    image_key: str = "image"
+    """Column holding the image for source=hf."""
+    label_key: str = "label"
+    """Column holding the label for source=hf."""
+    limit: Optional[int] = None
+    """Use only the first N training samples (null = all)."""
+    eval_limit: Optional[int] = None
+    """Use only the first N test samples for evaluation (null = all)."""
+    augment: bool = True
+    """Random-crop + horizontal-flip augmentation of training images."""
+    policy: str = "full"
+    """Sample-selection policy of the data service (full keeps every sample)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    """Nominal training epochs."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (null = no limit)."""
+    micro_batch_size: int = 128
+    """Samples per rank per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    eval_every: int = 0
+    """Evaluate every N steps (0 = at the end of each epoch only)."""
+    log_every: int = 20
+    """Reduce the ledger across ranks and write metrics every N steps."""
+    checkpoint_every: int = 0
+    """Checkpoint every N steps (0 = at epoch ends and at the end only)."""
+    grad_clip: float = 0.0
+    """Gradient clipping norm (0 = off)."""
+    bf16: bool = False
+    """Train in bf16 with fp32 master weights."""
+    lr_schedule: str = "cosine"
+    """Learning-rate schedule: constant or cosine (with linear warmup)."""
+    warmup_steps: int = 50
+    """Linear warmup steps for the learning rate."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    """Optimizer: adamw (torch), sgd (torch), masked_adamw, masked_sgd."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) or L2 (SGD) weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam moment coefficients."""
+    eps: float = 1e-8
+    """Adam denominator epsilon."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    select: str = "dense"
+    """Masked optimizers: which synapses change (dense, topk, hard, soft, random, block)."""
+    fraction: float = 1.0
+    """Target fraction of weights changed per step (topk, random, block)."""
+    price: float = 0.0
+    """Energy price lambda for the hard/soft threshold rules."""
+    residual: bool = False
+    """Keep unselected updates in a residual added to the next step (error feedback)."""
+    block_size: int = 4096
+    """Contiguous elements per block for select=block."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    """ZeRO stage 0-3."""
+    offload_optimizer: bool = False
+    """Offload optimizer state to CPU (ZeRO 1-3)."""
+
+
+@dataclass
+class EnergyConfig:
+    alpha: float = 1.0
+    """Exponent of the metabolic energy sum |dw|^alpha (0 counts changes)."""
+    joules: bool = True
+    """Read NVML/RAPL energy counters where the hardware exposes them."""
+
+
+@dataclass
+class ExperimentConfig:
+    output_dir: str = "runs/default"
+    """Folder for config.yaml, metrics.jsonl, summary.json, checkpoints, report.png."""
+    seed: int = 0
+    """Seed for weights, data order and selection."""
+    resume: bool = False
+    """Continue from the latest checkpoint in output_dir."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model to train."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset and sample selection."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop lengths and intervals."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and weight selection."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine settings."""
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    """Energy accounting."""
+
+
+MODELS = ("resnet_small", "resnet18", "mlp")
+SOURCES = ("idx", "hf")
+OPTIMIZERS = ("adamw", "sgd", "masked_adamw", "masked_sgd")
+SELECT_RULES = ("dense", "topk", "hard", "soft", "random", "block")
+SCHEDULES = ("constant", "cosine")
+
+
+def _check(ok: bool, key: str, value: Any, want: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': got {value!r}, expected {want}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Range and choice checks that the type system cannot express."""
+    _check(cfg.model.name in MODELS, "model.name", cfg.model.name, f"one of {MODELS}")
+    _check(cfg.model.width >= 1, "model.width", cfg.model.width, ">= 1")
+    _check(cfg.model.depth >= 1, "model.depth", cfg.model.depth, ">= 1")
+    _check(cfg.data.source in SOURCES, "data.source", cfg.data.source, f"one of {SOURCES}")
+    for key in ("limit", "eval_limit"):
+        v = getattr(cfg.data, key)
+        _check(v is None or v >= 1, f"data.{key}", v, "null or >= 1")
+    t = cfg.train
+    _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "null or >= 1")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, ">= 1")
+    _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1")
+    _check(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
+    for key in ("eval_every", "checkpoint_every", "warmup_steps"):
+        _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), ">= 0")
+    _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, ">= 0")
+    _check(t.lr_schedule in SCHEDULES, "train.lr_schedule", t.lr_schedule, f"one of {SCHEDULES}")
+    o = cfg.optimizer
+    _check(o.name in OPTIMIZERS, "optimizer.name", o.name, f"one of {OPTIMIZERS}")
+    _check(o.lr > 0, "optimizer.lr", o.lr, "> 0")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, ">= 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas),
+           "two values in [0, 1)")
+    _check(o.eps > 0, "optimizer.eps", o.eps, "> 0")
+    _check(0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "in [0, 1)")
+    _check(o.select in SELECT_RULES, "optimizer.select", o.select, f"one of {SELECT_RULES}")
+    _check(0 < o.fraction <= 1, "optimizer.fraction", o.fraction, "in (0, 1]")
+    _check(o.price >= 0, "optimizer.price", o.price, ">= 0")
+    _check(o.block_size >= 1, "optimizer.block_size", o.block_size, ">= 1")
+    _check(not o.name.startswith(("adamw", "sgd")) or o.select == "dense", "optimizer.select", o.select,
+           "dense for the plain torch optimizers (use masked_adamw or masked_sgd to select weights)")
+    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", cfg.deepspeed.zero_stage,
+           "one of 0, 1, 2, 3")
+    _check(0 <= cfg.energy.alpha <= 1, "energy.alpha", cfg.energy.alpha, "in [0, 1]")
+
+
+def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    msg = str(err).splitlines()[0]
+    if key:
+        return ConfigError(f"config key '{key}': {msg}")
+    return ConfigError(msg)
+
+
+def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> ExperimentConfig:
+    """Merge schema defaults <- YAML file <- dotlist overrides, then validate.
+
+    Raises ConfigError (naming the key) for unknown keys, wrong types and bad values.
+    """
+    schema = OmegaConf.structured(ExperimentConfig)
+    try:
+        merged = schema
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file '{path}' does not exist")
+            try:
+                file_cfg = OmegaConf.load(path)
+            except Exception as err:  # yaml errors come in many types
+                raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}")
+            if not isinstance(file_cfg, DictConfig):
+                raise ConfigError(f"config file '{path}' must hold a mapping of keys")
+            merged = OmegaConf.merge(merged, file_cfg)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' must look like key=value")
+            key = item.split("=", 1)[0]
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            except OmegaConfBaseException as err:
+                raise ConfigError(f"config key '{key}': {str(err).splitlines()[0]}")
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (what config.yaml in a run holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    """The resolved config as a plain dict."""
+    return dataclasses.asdict(cfg)

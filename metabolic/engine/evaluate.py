@@ -1,0 +1,46 @@
+"""Evaluation on the test split, sharded equally over ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def sync_buffers(module: torch.nn.Module, world_size: int, group=None) -> None:
+    """Average floating buffers (BatchNorm running stats) across ranks so every rank evaluates,
+    and checkpoints, the same model; integer buffers (batch counters) are equal already."""
+    if world_size == 1:
+        return
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            tmp = buf.detach().float().cpu()
+            dist.all_reduce(tmp, group=group)
+            buf.copy_(tmp.div_(world_size).to(buf.device, buf.dtype))
+
+
+@torch.no_grad()
+def evaluate(engine, task, batch_size: int, rank: int, world_size: int, group=None) -> dict:
+    """Global eval loss and accuracy. Every rank runs the same number of forwards (ZeRO-3 needs
+    all ranks in each forward); padding samples are masked out of the sums."""
+    n = task.num_test
+    per_rank = -(-n // world_size)
+    lo = rank * per_rank
+    module = engine.module
+    was_training = module.training
+    module.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, count
+    for start in range(0, per_rank, batch_size):
+        idx = torch.arange(lo + start, lo + min(start + batch_size, per_rank))
+        valid = idx < n
+        x, y = task.test_batch(idx.clamp(max=n - 1))
+        s = task.score(engine(x), y)
+        v = valid.to(s.loss.device)
+        sums += torch.tensor([float((s.loss * v).sum()), float((s.correct & v).sum()), float(v.sum())],
+                             dtype=torch.float64)
+    if was_training:
+        module.train()
+    if world_size > 1:
+        dist.all_reduce(sums, group=group)
+    loss, correct, count = sums.tolist()
+    return {"eval/loss": loss / count, "eval/accuracy": correct / count}

@@ -1,0 +1,272 @@
+"""The training loop on DeepSpeed: one config in, a run folder out.
+
+Read `Trainer.run` top to bottom: plan an epoch with the data service, train its micro-batches
+(per-sample losses times the policy's weights), and after each optimizer step account energy,
+log, evaluate, checkpoint and check for preemption.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from metabolic.engine import build, checkpoint
+from metabolic.engine.config import ConfigError, ExperimentConfig, to_dict, to_yaml
+from metabolic.engine.data_service import DataService, EpochPlan, epoch_generator
+from metabolic.engine.distributed import DistInfo, init_distributed, shutdown_distributed
+from metabolic.engine.evaluate import evaluate, sync_buffers
+from metabolic.engine.joules import JouleMeter
+from metabolic.engine.ledger import EnergyLedger
+from metabolic.engine.metrics import MetricsWriter, Progress, truncate_after
+from metabolic.engine.policies import build_policy
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved, run again with resume=true
+
+
+class Preempted(Exception):
+    """A stop signal arrived; a checkpoint was written and the run can resume."""
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint."""
+
+    epoch: int = 0
+    micro: int = 0  # next micro-batch of the epoch's plan
+    step: int = 0  # optimizer steps taken
+    done: bool = False
+
+
+class Trainer:
+    """Builds a run from an ExperimentConfig and trains it."""
+
+    def __init__(self, cfg: ExperimentConfig, dist_info: Optional[DistInfo] = None) -> None:
+        import deepspeed
+
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.info = dist_info or init_distributed()
+        self.is_main = self.info.rank == 0
+        torch.manual_seed(cfg.seed)
+        self.task = build.build_task(cfg, self.info.device)  # data errors surface before anything is written
+        self._check_output_dir()
+
+        model = build.build_model(cfg, self.task)
+        example, _ = self.task.train.batch(torch.arange(1))
+        self.flops_per_sample = build.forward_flops_per_sample(model, example)
+        model_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.optimizer = build.build_optimizer(cfg, model.parameters())
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
+                                                    config=build.deepspeed_config(cfg, self.info.world_size))
+        meter = JouleMeter(self.info.local_rank if self.info.device.type == "cuda" else None,
+                           read_cpu=cfg.energy.joules and self.info.local_rank == 0)
+        self.ledger = EnergyLedger(cfg.energy.alpha, model_numel, self.info.rank, self.info.world_size,
+                                   self.info.meta_group, meter if meter.available else None)
+        self.ledger.attach(self.optimizer)
+        self.service = DataService(self.task.num_train, build_policy(cfg.data), cfg.seed, cfg.train.micro_batch_size,
+                                   cfg.train.grad_accum, self.info.rank, self.info.world_size, self.info.meta_group)
+        self.state = LoopState()
+        self.metrics = MetricsWriter(self.out, enabled=self.is_main)
+        self.history: list[dict] = []  # per-epoch plan figures
+        self._last = {"time/wall_s": 0.0, "data/samples_backward": 0}
+        self._stop_requested = False
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _check_output_dir(self) -> None:
+        holds_run = (self.out / "metrics.jsonl").exists() or checkpoint.checkpoint_root(self.out).exists()
+        if holds_run and not self.cfg.resume:
+            raise ConfigError(f"config key 'output_dir': '{self.out}' already holds a run; pass resume=true to "
+                              "continue it or choose another output_dir")
+
+    def _start(self) -> None:
+        """Write config.yaml, restore a checkpoint when resuming, install signal handlers."""
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(to_yaml(self.cfg))
+        if self.cfg.resume:
+            self._restore()
+        elif self.is_main:
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        self.ledger.start_clock()
+
+    def _restore(self) -> None:
+        client, initial = checkpoint.load(self.engine, self.out, self.info.rank)
+        if client is None:
+            if self.is_main:
+                print(f"[metabolic] resume=true but no checkpoint in {self.out}; starting fresh", file=sys.stderr)
+            return
+        if client["world_size"] != self.info.world_size:
+            raise ConfigError(f"resume: checkpoint was written by {client['world_size']} ranks, this run has "
+                              f"{self.info.world_size} (dist/world_size must match)")
+        self.state = LoopState(**client["loop"])
+        self.ledger.load_state_dict(client["ledger"])  # also restores the wall clock offset
+        self.ledger.load_initial_weights(initial)
+        self.service.load_state_dict(client["service"])
+        self.history = client["history"]
+        self._last = client["last"]
+        torch.set_rng_state(client["rng"])
+        if self.is_main:
+            truncate_after(self.out / "metrics.jsonl", self.state.step)
+            print(f"[metabolic] resumed from step {self.state.step} (epoch {self.state.epoch})", file=sys.stderr)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train to the configured length; returns the summary (also written to summary.json)."""
+        self._start()
+        cfg = self.cfg
+        progress = Progress(self.is_main and cfg.train.progress, cfg.train.max_steps, self.state.step)
+        try:
+            while not self.state.done:
+                plan = self.service.plan_epoch(self.state.epoch, cfg.train.epochs)
+                if self.state.micro == 0:
+                    self._record_plan(plan)
+                self._train_epoch(plan, progress)
+            summary = self._finish()
+        finally:
+            progress.close()
+            self.metrics.close()
+        return summary
+
+    def _train_epoch(self, plan: EpochPlan, progress: Progress) -> None:
+        cfg, accum = self.cfg, self.cfg.train.grad_accum
+        for m in range(self.state.micro, plan.num_micro_batches):
+            self._train_micro_batch(plan, m)
+            if (m + 1) % accum:
+                continue
+            self.state.step += 1
+            self.state.micro = m + 1
+            self.service.sync()
+            progress.update(1, epoch=self.state.epoch)
+            if self._after_step(plan):
+                return
+        self.state.epoch += 1
+        self.state.micro = 0
+        self.state.done = self.state.epoch >= cfg.train.epochs
+        self._log(eval_now=True)
+        self._checkpoint()
+
+    def _train_micro_batch(self, plan: EpochPlan, m: int) -> None:
+        idx, weights = plan.batches[m], plan.weights[m].to(self.info.device)
+        x, y = self.task.train_batch(idx, epoch_generator(self.cfg.seed, plan.epoch, salt=1000 + m))
+        if m % self.cfg.train.grad_accum == 0:
+            self._set_lr(plan, m)
+        scores = self.task.score(self.engine(x), y)
+        loss = (scores.loss * weights).sum() / idx.numel()
+        self.engine.backward(loss)
+        self.engine.step()
+        n = idx.numel()
+        self.ledger.add_samples(forward=n, backward=n, tokens=self.task.tokens(idx),
+                                flops=3.0 * self.flops_per_sample * n)
+        self.ledger.add_loss(float(scores.loss.detach().sum()), n)
+        self.service.record(idx, scores.loss, scores.prob, scores.correct, plan.epoch)
+
+    def _set_lr(self, plan: EpochPlan, m: int) -> None:
+        t = self.cfg.train
+        progress = (plan.epoch + m / max(plan.num_micro_batches, 1)) / t.epochs
+        if t.max_steps:
+            progress = max(progress, self.state.step / t.max_steps)
+        lr = build.learning_rate(self.cfg, self.state.step, progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _after_step(self, plan: EpochPlan) -> bool:
+        """Log, evaluate, checkpoint, stop; True when the epoch must end early."""
+        t, step = self.cfg.train, self.state.step
+        hit_max = t.max_steps is not None and step >= t.max_steps
+        if hit_max:
+            self.state.done = True
+        eval_now = hit_max or (t.eval_every > 0 and step % t.eval_every == 0)
+        if hit_max or eval_now or step % t.log_every == 0:
+            self._log(eval_now=eval_now)
+        if hit_max or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0):
+            self._checkpoint()
+        if self._stop_agreed():
+            self._checkpoint()
+            raise Preempted(f"stop signal at step {step}; checkpoint saved in {checkpoint.checkpoint_root(self.out)}")
+        return hit_max
+
+    def _stop_agreed(self) -> bool:
+        """Every rank must agree to stop at the same step, or a rank would hang in a collective."""
+        flag = torch.tensor([1 if self._stop_requested else 0])
+        if self.info.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.info.meta_group)
+        return bool(flag.item())
+
+    # -- outputs ----------------------------------------------------------------------------------
+    def _record_plan(self, plan: EpochPlan) -> None:
+        self.history.append({"epoch": plan.epoch, "kept_fraction": plan.kept_fraction,
+                             "num_active": plan.num_active, "active_hash": plan.active_hash,
+                             "micro_batches_per_rank": plan.num_micro_batches})
+
+    def _log(self, eval_now: bool) -> dict:
+        record = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+        record.update(self.ledger.reduce())
+        record["data/effective_epochs"] = record["data/samples_backward"] / self.task.num_train
+        dt = record["time/wall_s"] - self._last["time/wall_s"]
+        dn = record["data/samples_backward"] - self._last["data/samples_backward"]
+        record["time/samples_per_s"] = dn / dt if dt > 0 else None
+        record["dist/world_size"] = self.info.world_size
+        if eval_now:
+            sync_buffers(self.engine.module, self.info.world_size, self.info.meta_group)
+            record.update(evaluate(self.engine, self.task, max(256, self.cfg.train.micro_batch_size),
+                                   self.info.rank, self.info.world_size, self.info.meta_group))
+        self._last = {"time/wall_s": record["time/wall_s"], "data/samples_backward": record["data/samples_backward"],
+                      "record": record}
+        self.metrics.write(record)
+        return record
+
+    def _checkpoint(self) -> None:
+        sync_buffers(self.engine.module, self.info.world_size, self.info.meta_group)
+        client = {"loop": asdict(self.state), "ledger": self.ledger.state_dict(), "service": self.service.state_dict(),
+                  "history": self.history, "last": self._last, "rng": torch.get_rng_state(),
+                  "world_size": self.info.world_size, "config": to_dict(self.cfg)}
+        checkpoint.save(self.engine, self.out, self.state.step, client, self.ledger.initial_weights(), self.info.rank)
+
+    def _finish(self) -> dict:
+        last = self._last.get("record") or self._log(eval_now=True)
+        if last["step"] != self.state.step or "eval/accuracy" not in last:
+            last = self._log(eval_now=True)
+        summary = dict(last)
+        summary["status"] = "completed"
+        summary["energy/metabolic_ratio"] = (summary["energy/metabolic"] / summary["energy/metabolic_min"]
+                                             if summary["energy/metabolic_min"] else None)
+        summary["epochs"] = self.history
+        summary["dataset_size"] = self.task.num_train
+        summary["compute/forward_flops_per_sample"] = self.flops_per_sample
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            try:
+                from metabolic.engine.report import plot_run
+
+                plot_run(self.out)
+            except Exception as err:  # a plot must never lose a finished run
+                print(f"[metabolic] report.png not written: {err}", file=sys.stderr)
+        return summary
+
+
+def train(cfg: ExperimentConfig) -> dict:
+    """Train one experiment in this process (any launcher, or none); ends the process group."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "metabolic" / "torch_extensions"))
+    info = init_distributed()
+    try:
+        summary = Trainer(cfg, info).run()
+    except BaseException:
+        # No barrier here: a rank that failed alone would leave the others waiting in it forever.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    shutdown_distributed()
+    return summary
