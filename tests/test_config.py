@@ -1,0 +1,50 @@
+"""Config errors: one line naming the key, exit code 2, nothing written."""
+
+import pytest
+
+from helpers import CONFIG, metabolic
+from metabolic.engine.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epochz=3", "train.epochz"),
+    ("train.epochs=three", "train.epochs"),
+    ("energy.alpha=1.5", "energy.alpha"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("optimizer.name=adam", "optimizer.name"),
+    ("data.limit=0", "data.limit"),
+    ("train.micro_batch_size=0", "train.micro_batch_size"),
+    ("nonsense=1", "nonsense"),
+])
+def test_bad_override_names_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG, [override])
+    assert f"'{key}'" in str(err.value)
+
+
+def test_defaults_load():
+    cfg = load_config(CONFIG, ["train.max_steps=50", "data.limit=null"])
+    assert cfg.train.max_steps == 50 and cfg.data.limit is None
+    assert cfg.model.name == "resnet_small" and cfg.optimizer.name == "adamw"
+
+
+def test_cli_rejects_before_writing(tmp_path):
+    out = tmp_path / "run"
+    proc = metabolic("train", str(CONFIG), f"output_dir={out}", "energy.alpha=-0.5", timeout=120)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "energy.alpha" in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_cli_missing_config_file(tmp_path):
+    proc = metabolic("train", str(tmp_path / "nope.yaml"), timeout=120)
+    assert proc.returncode == 2 and "nope.yaml" in proc.stderr
+
+
+def test_cli_bad_yaml_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epocs: 2\n")
+    proc = metabolic("train", str(bad), f"output_dir={tmp_path / 'out'}", timeout=120)
+    assert proc.returncode == 2 and "train.epocs" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,105 @@
+"""Dataset sources: IDX parsing against known labels, HF datasets from local files, clear errors."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from metabolic.data import DatasetMissingError, load_hf_split, load_idx_split, read_idx
+from metabolic.data.arrays import ImageArrays, random_crop_flip
+
+
+def write_idx(path, array: np.ndarray, code: int = 0x08) -> None:
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(">u1" if code == 0x08 else ">i4").tobytes()
+    (gzip.open if str(path).endswith(".gz") else open)(path, "wb").write(data)
+
+
+def test_fashion_mnist_known_labels(fmnist):
+    train, test = load_idx_split(fmnist, "train"), load_idx_split(fmnist, "test")
+    assert len(train) == 60000 and len(test) == 10000
+    assert train.sample_shape == (1, 28, 28) and train.num_classes == 10
+    # The published first labels: ankle boot, T-shirt, T-shirt, dress, T-shirt, pullover, ...
+    assert train.labels[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    assert test.labels[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
+    assert torch.bincount(train.labels).tolist() == [6000] * 10
+
+
+def test_idx_roundtrip_plain_and_gz(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(7, 5, 4), dtype=np.uint8)
+    labels = rng.integers(0, 3, size=7).astype(np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images[:2])
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels[:2])
+    np.testing.assert_array_equal(read_idx(tmp_path / "train-images-idx3-ubyte.gz"), images)
+    split = load_idx_split(tmp_path, "train", num_classes=3)
+    assert split.images.shape == (7, 1, 5, 4)
+    assert split.labels.tolist() == labels.tolist()
+    wide = np.arange(6, dtype=np.int64).reshape(2, 3) * 70000
+    write_idx(tmp_path / "wide-idx2-int", wide, code=0x0C)
+    np.testing.assert_array_equal(read_idx(tmp_path / "wide-idx2-int"), wide)
+
+
+def test_idx_rejects_garbage(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "bad")
+    write_idx(tmp_path / "short", np.zeros((4, 4), np.uint8))
+    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(tmp_path / "short")
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+    with pytest.raises(DatasetMissingError, match="dataset-fashion-mnist"):
+        load_idx_split(tmp_path / "absent", "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetMissingError, match="train-images-idx3-ubyte"):
+        load_idx_split(tmp_path / "empty", "train")
+
+
+def _tiny_hf(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(1)
+    splits = {}
+    for split, n in (("train", 12), ("test", 5)):
+        splits[split] = datasets.Dataset.from_dict({
+            "image": [rng.integers(0, 256, size=(6, 6), dtype=np.uint8) for _ in range(n)],
+            "label": rng.integers(0, 4, size=n).tolist()})
+    return datasets, splits
+
+
+def test_hf_source_save_to_disk(tmp_path):
+    datasets, splits = _tiny_hf(tmp_path)
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))
+    train = load_hf_split("train", path=str(tmp_path / "dd"))
+    assert train.images.shape == (12, 1, 6, 6) and train.images.dtype == torch.uint8
+    assert train.labels.tolist() == splits["train"]["label"]
+    np.testing.assert_array_equal(train.images[3, 0].numpy(), np.asarray(splits["train"][3]["image"]))
+
+
+def test_hf_source_parquet_files(tmp_path):
+    datasets, splits = _tiny_hf(tmp_path)
+    (tmp_path / "pq").mkdir()
+    for name, ds in splits.items():
+        ds.to_parquet(str(tmp_path / "pq" / f"{name}.parquet"))
+    test = load_hf_split("test", path=str(tmp_path / "pq"))
+    assert len(test) == 5 and test.labels.tolist() == splits["test"]["label"]
+    with pytest.raises(ValueError, match="data.label_key"):
+        load_hf_split("test", path=str(tmp_path / "pq"), label_key="target")
+
+
+def test_batch_keeps_indices_and_augments_reproducibly():
+    images = torch.arange(4 * 1 * 6 * 6, dtype=torch.float32).reshape(4, 1, 6, 6).to(torch.uint8)
+    arrays = ImageArrays(images, torch.tensor([0, 1, 2, 3]), num_classes=4, mean=0.0, std=1.0)
+    x, y = arrays.batch(torch.tensor([3, 1]))
+    assert y.tolist() == [3, 1] and torch.equal(x[0], images[3].float() / 255)
+    a = random_crop_flip(x, 2, torch.Generator().manual_seed(5))
+    b = random_crop_flip(x, 2, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == x.shape
+    # pad 0 without flips is the identity; crops only ever move pixels, never invent values
+    assert set(a.unique().tolist()) <= set(x.unique().tolist()) | {0.0}

@@ -1,0 +1,65 @@
+"""The energy ledger against weight snapshots taken by the test, and M >= M_min."""
+
+import pytest
+import torch
+
+from metabolic.engine.ledger import EnergyLedger, energy_of
+
+
+def _train(alpha: float, steps: int = 12, optimizer: str = "adamw"):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    opt = (torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01) if optimizer == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    numel = sum(p.numel() for p in model.parameters())
+    ledger = EnergyLedger(alpha, numel, rank=0, world_size=1)
+    ledger.attach(opt)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    expected, changed = 0.0, 0
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    for step in range(steps):
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if step == 3:  # a step where some weights do not move at all
+            model[0].weight.grad[:4] = 0
+        opt.step()
+        for b, p in zip(before, model.parameters()):
+            dw = (p.detach() - b).double()
+            expected += float((dw.abs() ** alpha)[dw != 0].sum()) if alpha > 0 else float((dw != 0).sum())
+            changed += int((dw != 0).sum())
+    m_min = 0.0
+    for a, p in zip(w0, model.parameters()):
+        d = (p.detach() - a).double()
+        m_min += float((d.abs() ** alpha)[d != 0].sum()) if alpha > 0 else float((d != 0).sum())
+    return ledger.reduce(), expected, changed, m_min
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_ledger_matches_snapshots_and_bounds_min(alpha, optimizer):
+    got, expected, changed, m_min = _train(alpha, optimizer=optimizer)
+    assert got["energy/metabolic"] == pytest.approx(expected, rel=1e-6)
+    assert got["energy/changed_weights"] == changed
+    assert got["energy/metabolic_min"] == pytest.approx(m_min, rel=1e-6)
+    # Subadditivity of |.|^alpha for alpha in [0, 1]: the path costs at least the displacement.
+    assert got["energy/metabolic"] >= got["energy/metabolic_min"] > 0
+
+
+def test_energy_of_zero_costs_nothing():
+    dw = torch.tensor([0.0, 0.5, -2.0, 0.0])
+    assert float(energy_of(dw, 0.0)) == 2.0
+    assert float(energy_of(dw, 1.0)) == 2.5
+    assert float(energy_of(dw, 0.5)) == pytest.approx(0.5 ** 0.5 + 2 ** 0.5)
+
+
+def test_replica_chunks_partition_the_weights():
+    """Under replication each of W ranks counts one contiguous chunk; the chunks tile the tensor."""
+    p = torch.arange(10, dtype=torch.float32)
+    seen = []
+    for rank in range(3):
+        ledger = EnergyLedger(1.0, 10, rank=rank, world_size=3)
+        ledger.replicated = True
+        seen.append(ledger._chunk(p))
+    assert torch.equal(torch.cat(seen), p)

@@ -1,0 +1,115 @@
+"""End-to-end runs of the real CLI: outputs and metric contract, 2 gloo ranks, resume equality."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import CONFIG, REPO, SMALL, comparable, env, metabolic, ok, records, summary, torchrun
+
+METRICS = {"step", "epoch", "train/loss", "energy/metabolic", "energy/metabolic_min", "energy/changed_weights",
+           "energy/joules", "data/samples_forward", "data/samples_backward", "data/effective_epochs",
+           "data/tokens", "compute/flops", "time/wall_s", "time/samples_per_s", "dist/world_size"}
+
+
+def test_single_process_run_writes_contract(tmp_path, fmnist):
+    out = tmp_path / "run"
+    ok(metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=2"))
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.*")), "no TensorBoard event file"
+    recs = records(out)
+    assert all(METRICS <= r.keys() for r in recs)
+    evals = [r for r in recs if "eval/accuracy" in r]
+    assert len(evals) == 2 and all(0 <= r["eval/accuracy"] <= 1 for r in evals)
+    s = summary(out)
+    steps_per_epoch = 384 // 32
+    assert s["step"] == 2 * steps_per_epoch and s["dist/world_size"] == 1
+    assert s["data/samples_backward"] == 2 * 384 and s["data/effective_epochs"] == pytest.approx(2.0)
+    assert s["energy/metabolic"] >= s["energy/metabolic_min"] > 0
+    # Dense AdamW moves (almost) every weight on every step.
+    assert 0.99 * s["step"] * s["energy/num_weights"] <= s["energy/changed_weights"] <= s["step"] * s["energy/num_weights"]
+    assert s["compute/flops"] == pytest.approx(3 * s["compute/forward_flops_per_sample"] * 768)
+    # Records are cumulative: energy and samples never decrease.
+    for a, b in zip(recs, recs[1:]):
+        assert b["energy/metabolic"] >= a["energy/metabolic"] and b["data/samples_backward"] >= a["data/samples_backward"]
+    # A second start in the same folder is refused and loses nothing.
+    before = (out / "summary.json").read_text()
+    proc = metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL)
+    assert proc.returncode == 2 and "resume=true" in proc.stderr
+    assert (out / "summary.json").read_text() == before
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    proc = metabolic("train", str(CONFIG), f"output_dir={out}", f"data.path={tmp_path / 'nothing'}", *SMALL)
+    assert proc.returncode == 2 and "dataset-fashion-mnist" in proc.stderr
+    assert not out.exists()
+
+
+def test_two_ranks_zero1_equals_zero2(tmp_path, fmnist):
+    runs = {}
+    for stage in (1, 2):
+        out = tmp_path / f"z{stage}"
+        ok(torchrun(2, "-m", "metabolic", "train", str(CONFIG), f"output_dir={out}", *SMALL,
+                    f"deepspeed.zero_stage={stage}", "train.epochs=1"))
+        runs[stage] = summary(out)
+    s1, s2 = runs[1], runs[2]
+    assert s1["dist/world_size"] == 2 and s1["data/samples_backward"] == 384
+    for key in ("energy/metabolic", "energy/metabolic_min", "eval/accuracy", "eval/loss"):
+        assert s1[key] == pytest.approx(s2[key], rel=1e-6, abs=1e-9), key
+    assert s1["energy/changed_weights"] == s2["energy/changed_weights"]
+    # Every rank trained on the same plan (hash of the active set is computed on each rank).
+    assert s1["epochs"][0]["active_hash"] == s2["epochs"][0]["active_hash"]
+
+
+def test_ledger_matches_full_weight_snapshots_under_zero(tmp_path, fmnist):
+    """On 2 ranks and ZeRO 0-3 the globally reduced ledger equals sum |dw| of the full fp32 weights."""
+    ok(torchrun(2, str(REPO / "tests" / "workers" / "ledger_zero_worker.py"), str(tmp_path), "0,1,2,3", "1.0",
+                timeout=500))
+    results = json.loads((tmp_path / "ledger_zero.json").read_text())
+    assert results["0"]["replicated"] is True and results["2"]["replicated"] is False
+    for stage, r in results.items():
+        assert r["ledger"] == pytest.approx(r["snapshots"], rel=1e-9), stage
+        assert r["ledger_changed"] == r["snapshots_changed"], stage
+        assert r["ledger_min"] == pytest.approx(r["snapshots_min"], rel=1e-9), stage
+        assert r["ledger"] >= r["ledger_min"] > 0
+
+
+def _wait_for(path, n_lines: int, proc, timeout: float = 240) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if path.is_file() and len(path.read_text().splitlines()) >= n_lines:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("run did not reach the step to interrupt")
+
+
+def test_resume_after_preemption_equals_uninterrupted(tmp_path, fmnist):
+    args = [*SMALL, "train.epochs=2", "train.checkpoint_every=5"]
+    full = tmp_path / "full"
+    ok(metabolic("train", str(CONFIG), f"output_dir={full}", *args))
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "metabolic", "train", str(CONFIG), f"output_dir={cut}", *args],
+                            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(cut / "metrics.jsonl", 7, proc)  # mid-way through the first epoch (12 steps per epoch)
+    proc.send_signal(signal.SIGUSR1)
+    try:
+        proc.wait(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, proc.stderr.read()[-3000:]
+    stopped_at = records(cut)[-1]["step"]
+    assert 7 <= stopped_at < 24 and not (cut / "summary.json").exists()
+
+    ok(metabolic("train", str(CONFIG), f"output_dir={cut}", *args, "resume=true"))
+    assert comparable(summary(cut)) == comparable(summary(full))
+    assert [r["step"] for r in records(cut)] == [r["step"] for r in records(full)]
