@@ -44,11 +44,12 @@ def _hp(spec: StepSpec, device: torch.device) -> torch.Tensor:
     """Float scalars of the step, as one tensor (index layout used by _candidate)."""
     if spec.kind == "adamw":
         vals = [spec.lr, spec.weight_decay, 1.0 - spec.beta1, spec.beta2, 1.0 - spec.beta2,
-                spec.eps, spec.lr / spec.bias_correction1, spec.bias_correction2_sqrt, spec.price]
+                spec.eps, spec.lr / spec.bias_correction1, 1.0 / spec.bias_correction2_sqrt,
+                spec.price, spec.beta1]
     else:
         a = 0.0 if spec.first else spec.momentum
         b = 1.0 if spec.first else 1.0 - spec.dampening
-        vals = [spec.lr, spec.weight_decay, a, b, spec.momentum, 0.0, 0.0, 0.0, spec.price]
+        vals = [spec.lr, spec.weight_decay, a, b, spec.momentum, 0.0, 0.0, 0.0, spec.price, 0.0]
     return torch.tensor(vals, dtype=torch.float32, device=device)
 
 
@@ -56,11 +57,13 @@ def _candidate(p, g, m, v, r, hp, kind: str, has_momentum: bool, nesterov: bool,
     """(u_total, eta, new first moment / momentum buffer, new second moment); writes nothing."""
     lr, wd = hp[0], hp[1]
     if kind == "adamw":
-        m_new = torch.lerp(m, g, hp[2])
+        # one division per element: at 1 CPU thread the step is compute-bound, and dividing
+        # by a reciprocal instead of by sqrt(bias_correction2) changes results by ~1 ulp
+        m_new = m * hp[9] + hp[2] * g
         v_new = v * hp[3] + hp[4] * (g * g)
-        denom = v_new.sqrt() / hp[7] + hp[5]
-        u = -hp[6] * m_new / denom - lr * wd * p
-        eta = lr / denom
+        inv = 1.0 / (v_new.sqrt() * hp[7] + hp[5])  # 1 / (sqrt(v_hat) + eps)
+        u = -hp[6] * m_new * inv - lr * wd * p
+        eta = lr * inv
     else:
         v_new = None
         d = g + wd * p
@@ -145,20 +148,14 @@ def _get_compiled(name: str):
         # reduction next to old p) into a fresh param-sized buffer and copies it back: 5x slower
         fn = torch.compile({"fused": _fused, "block": _block_sq_norms}[name], dynamic=True,
                            options={"realize_reads_threshold": 1000,
-                                    "realize_opcount_threshold": 1000})
+                                    "realize_opcount_threshold": 1000,
+                                    "realize_acc_reads_threshold": 1000})
         _compiled[name] = fn
     return fn
 
 
-def _call(name: str, use_compile: bool, *args, **kwargs):
-    global _compile_broken
-    fn = {"fused": _fused, "block": _block_sq_norms}[name]
-    if use_compile and compile_enabled():
-        try:
-            return _get_compiled(name)(*args, **kwargs)
-        except Exception as exc:  # a broken toolchain must not stop training
-            _compile_broken = True
-            log.warning("torch.compile of the masked step failed, using eager: %s", exc)
+def _call(name: str, compiled: bool, *args, **kwargs):
+    fn = _get_compiled(name) if compiled else {"fused": _fused, "block": _block_sq_norms}[name]
     return fn(*args, **kwargs)
 
 
@@ -169,11 +166,25 @@ def _views(tensors, start: int, stop: int):
 def fallback_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec,
                   out_bf16: torch.Tensor | None = None, compile: bool | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One masked step on flat fp32 `p` in place; returns 0-d (energy float64, changed int64)."""
+    """One masked step on flat fp32 `p` in place; returns 0-d (energy float64, changed int64).
+
+    compile: None = compile when p has >= COMPILE_MIN_NUMEL elements and compiling is enabled.
+    """
+    global _compile_broken
+    compiled = (p.numel() >= COMPILE_MIN_NUMEL) if compile is None else compile
+    if compiled and compile_enabled():
+        try:
+            return _step(p, g, state, spec, out_bf16, compiled=True)
+        except Exception as exc:  # compile errors surface before any write; a broken
+            _compile_broken = True  # toolchain must not stop training
+            log.warning("torch.compile of the masked step failed, using eager: %s", exc)
+    return _step(p, g, state, spec, out_bf16, compiled=False)
+
+
+def _step(p, g, state, spec, out_bf16, compiled: bool):
     n = p.numel()
     dev = p.device
     g = g.float()
-    use_compile = (n >= COMPILE_MIN_NUMEL) if compile is None else compile
     has_momentum = spec.kind == "adamw" or spec.momentum != 0.0
     m = state.get("exp_avg", state.get("momentum_buffer")) if has_momentum else None
     v = state.get("exp_avg_sq")
@@ -183,7 +194,7 @@ def fallback_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec,
                       dtype=torch.int64, device=dev)
     flags = dict(kind=spec.kind, has_momentum=has_momentum, nesterov=spec.nesterov,
                  residual=spec.residual)
-    chunk = n if use_compile else CHUNK
+    chunk = n if compiled else CHUNK
     aux = None
     if spec.select == "topk":
         idx = sample_indices(n, spec.seed, spec.step, spec.salt, dev)
@@ -192,8 +203,8 @@ def fallback_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec,
         aux = topk_threshold(u_s.abs(), spec.fraction)
     elif spec.select == "block":
         bs = spec.block_size
-        chunk = n if use_compile else max(1, CHUNK // bs) * bs  # chunks hold whole blocks
-        parts = [_call("block", use_compile, *_views([p, g, m, v, r], s, min(s + chunk, n)), hp,
+        chunk = n if compiled else max(1, CHUNK // bs) * bs  # chunks hold whole blocks
+        parts = [_call("block", compiled, *_views([p, g, m, v, r], s, min(s + chunk, n)), hp,
                        block_size=bs, **flags) for s in range(0, n, chunk)]
         sq = torch.cat(parts)
         assert sq.numel() == num_blocks(n, bs)
@@ -201,7 +212,7 @@ def fallback_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec,
     energy = torch.zeros((), dtype=torch.float64, device=dev)
     changed = torch.zeros((), dtype=torch.int64, device=dev)
     for s in range(0, n, chunk):
-        e, c = _call("fused", use_compile, *_views([p, g, m, v, r, out_bf16], s, min(s + chunk, n)),
+        e, c = _call("fused", compiled, *_views([p, g, m, v, r, out_bf16], s, min(s + chunk, n)),
                      hp, hi, aux, s, rule=spec.select, block_size=spec.block_size,
                      alpha=float(spec.alpha), **flags)
         energy += e.double()
