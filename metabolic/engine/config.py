@@ -48,7 +48,27 @@ class DataConfig:
     augment: bool = True
     """Random-crop + horizontal-flip augmentation of training images."""
     policy: str = "full"
-    """Sample-selection policy of the data service (full keeps every sample)."""
+    """Sample-selection policy: full, pdd_difficulty, lazy (pdd_difficulty with tau 0), pdd_random,
+    pdd_matched, infobatch, price."""
+    tau: float = 0.5
+    """pdd_difficulty / pdd_matched: keep a sample while p(y|x) < tau (0: misclassified only)."""
+    gamma: float = 0.95
+    """pdd_random: keep ceil(gamma^t * N) random samples in epoch t."""
+    prune_ratio: float = 0.5
+    """infobatch: probability r of pruning a below-mean-loss sample (kept ones weigh 1/(1-r))."""
+    anneal: float = 0.875
+    """infobatch: prune only in epochs t < anneal * epochs (InfoBatch's delta); full data after."""
+    price: float = 0.0
+    """price: initial threshold on the gradient proxy (an external controller moves it)."""
+    price_proxy: str = "gap"
+    """price: gradient-magnitude proxy, gap (1 - p(y|x)) or loss (language models)."""
+    revision_epochs: int = 0
+    """Final epochs that train on all data (every policy)."""
+    refresh: Optional[bool] = None
+    """Re-score samples not trained on last epoch with a no-grad forward before planning
+    (null: the policy's default, on for pdd_difficulty/lazy/pdd_matched)."""
+    relative_scores: bool = True
+    """Rescale stored losses by the running loss level at recording time (stale-score drift)."""
 
 
 @dataclass
@@ -148,6 +168,8 @@ SOURCES = ("idx", "hf")
 OPTIMIZERS = ("adamw", "sgd", "masked_adamw", "masked_sgd")
 SELECT_RULES = ("dense", "topk", "hard", "soft", "random", "block")
 SCHEDULES = ("constant", "cosine")
+POLICIES = ("full", "pdd_difficulty", "lazy", "pdd_random", "pdd_matched", "infobatch", "price")
+PRICE_PROXIES = ("gap", "loss")
 
 
 def _check(ok: bool, key: str, value: Any, want: str) -> None:
@@ -164,6 +186,15 @@ def validate(cfg: ExperimentConfig) -> None:
     for key in ("limit", "eval_limit"):
         v = getattr(cfg.data, key)
         _check(v is None or v >= 1, f"data.{key}", v, "null or >= 1")
+    d = cfg.data
+    _check(d.policy in POLICIES, "data.policy", d.policy, f"one of {POLICIES}")
+    _check(0 <= d.tau <= 1, "data.tau", d.tau, "in [0, 1]")
+    _check(0 <= d.gamma <= 1, "data.gamma", d.gamma, "in [0, 1]")
+    _check(0 <= d.prune_ratio < 1, "data.prune_ratio", d.prune_ratio, "in [0, 1)")
+    _check(0 <= d.anneal <= 1, "data.anneal", d.anneal, "in [0, 1]")
+    _check(d.price >= 0, "data.price", d.price, ">= 0")
+    _check(d.price_proxy in PRICE_PROXIES, "data.price_proxy", d.price_proxy, f"one of {PRICE_PROXIES}")
+    _check(d.revision_epochs >= 0, "data.revision_epochs", d.revision_epochs, ">= 0")
     t = cfg.train
     _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "null or >= 1")

@@ -5,17 +5,33 @@ weights from the score table; the service shuffles them with a generator seeded 
 (seed, epoch) and cuts them into EQUAL per-rank shards of whole micro-batches, so every rank
 takes the same number of steps and no rank waits on another's backward. Per-sample scores
 recorded on each rank travel to every rank over a gloo group with int64 indices.
+
+Before planning an epoch, a policy that asks for it gets the scores of samples that were not
+trained on in the previous epoch refreshed by no-grad forwards, split equally over the ranks
+(`refresh`); the caller counts those forwards. The epoch's plan (active set and weights) is
+kept and saved in checkpoints, so a run resumed mid-epoch trains on exactly the same plan.
+
+Memory per rank: the replicated score table takes 17 bytes per sample (BYTES_PER_SAMPLE); a
+plan holds 12 bytes per active sample (int64 index + float32 weight) plus this rank's shard;
+planning briefly needs about 20 more bytes per active sample. Tables larger than
+MAX_REPLICATED_SAMPLES are refused with a clear error (see docs/data_service.md for the
+measurements behind the limit).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from metabolic.engine.policies import DataPolicy, ScoreTable
+from metabolic.engine.policies import DataPolicy
+from metabolic.engine.score_table import BYTES_PER_SAMPLE, ScoreTable
+
+MAX_REPLICATED_SAMPLES = 200_000_000
+"""Largest table replicated on every rank (3.4 GB table, ~40 s to plan an epoch on one core)."""
 
 
 @dataclass
@@ -33,6 +49,9 @@ class EpochPlan:
     """num_active / dataset size."""
     active_hash: str
     """sha1 of the sorted active index list: equal on every rank, compared by tests."""
+    refreshed: int = 0
+    """No-grad scoring forwards THIS rank ran to refresh stale scores before this plan (0 when the
+    plan was restored from a checkpoint or already made)."""
 
     @property
     def num_micro_batches(self) -> int:
@@ -59,37 +78,102 @@ def shard(active: torch.Tensor, weights: torch.Tensor, micro: int, accum: int, w
     order = torch.randperm(n, generator=generator)
     group = micro * accum * world
     steps = -(-n // group)
-    take = torch.arange(steps * group) % n
-    idx = active[order][take].view(steps, accum, world, micro)
-    w = weights[order][take].view(steps, accum, world, micro)
+    take = order if steps * group == n else order[torch.arange(steps * group) % n]
+    idx = active[take].view(steps, accum, world, micro)
+    w = weights[take].view(steps, accum, world, micro)
     mine = (slice(None), slice(None), rank)
     return idx[mine].reshape(-1, micro).contiguous(), w[mine].reshape(-1, micro).contiguous()
+
+
+def active_digest(active: torch.Tensor) -> str:
+    """sha1 of the (sorted) int64 active index list."""
+    return hashlib.sha1(active.numpy().tobytes()).hexdigest()
+
+
+Scorer = Callable[[torch.Tensor], "object"]
+"""No-grad scoring of a batch of global indices -> an object with .loss, .prob, .correct tensors."""
 
 
 class DataService:
     """Plans epochs with a policy and keeps the score table in sync across ranks."""
 
     def __init__(self, num_samples: int, policy: DataPolicy, seed: int, micro_batch: int, grad_accum: int,
-                 rank: int = 0, world_size: int = 1, group=None) -> None:
-        self.table = ScoreTable(num_samples)
+                 rank: int = 0, world_size: int = 1, group=None, relative_scores: bool = True) -> None:
+        if num_samples > MAX_REPLICATED_SAMPLES:
+            raise ValueError(
+                f"data service: {num_samples:,} training samples exceed the replicated score table's limit of "
+                f"{MAX_REPLICATED_SAMPLES:,} ({BYTES_PER_SAMPLE} bytes per sample on every rank, "
+                f"{num_samples * BYTES_PER_SAMPLE / 2**30:.1f} GiB here); the owner-sharded table is not "
+                "implemented yet: use data.limit, or data.policy=full with a streaming source")
+        self.table = ScoreTable(num_samples, relative=relative_scores)
         self.policy = policy
         self.seed, self.micro, self.accum = seed, micro_batch, grad_accum
         self.rank, self.world_size, self.group = rank, world_size, group
         self._pending: list[torch.Tensor] = []
+        self._current: Optional[dict] = None  # the planned epoch: epoch, active, weights, hash
 
-    def plan_epoch(self, epoch: int, num_epochs: int) -> EpochPlan:
-        """The epoch's active set from the policy, sharded for this rank."""
-        active, weights = self.policy.select(self.table, epoch, num_epochs,
-                                             epoch_generator(self.seed, epoch, salt=1))
-        active = active.to(torch.int64)
-        digest = hashlib.sha1(torch.sort(active).values.numpy().tobytes()).hexdigest()
-        batches, w = shard(active, weights.float(), self.micro, self.accum, self.world_size, self.rank,
+    # -- planning ---------------------------------------------------------------------------------
+    def stale(self, epoch: int) -> torch.Tensor:
+        """Global indices whose score predates the previous epoch (never scored included), sorted."""
+        if epoch <= 0:
+            return torch.empty(0, dtype=torch.int64)
+        return (self.table.epoch < epoch - 1).nonzero().squeeze(1)
+
+    def plan_epoch(self, epoch: int, num_epochs: int, scorer: Optional[Scorer] = None,
+                   refresh_batch: int = 256) -> EpochPlan:
+        """The epoch's active set from the policy, sharded for this rank.
+
+        The first call for an epoch refreshes stale scores (when the policy asks and a scorer is
+        given) and asks the policy; later calls, and calls after a resume, return the same plan.
+        """
+        refreshed = 0
+        if self._current is None or self._current["epoch"] != epoch:
+            if getattr(self.policy, "refresh", False) and scorer is not None:
+                refreshed = self.refresh(epoch, scorer, refresh_batch)
+            active, weights = self.policy.select(self.table, epoch, num_epochs,
+                                                 epoch_generator(self.seed, epoch, salt=1))
+            active = active.to(torch.int64)
+            if active.numel() > 1 and not bool((active[1:] > active[:-1]).all()):
+                order = torch.argsort(active)
+                active, weights = active[order], weights[order]
+            self._current = {"epoch": epoch, "active": active, "weights": weights.float().contiguous(),
+                             "hash": active_digest(active)}
+        cur = self._current
+        batches, w = shard(cur["active"], cur["weights"], self.micro, self.accum, self.world_size, self.rank,
                            epoch_generator(self.seed, epoch))
-        return EpochPlan(epoch, batches, w, active.numel(), active.numel() / max(len(self.table), 1), digest)
+        n = cur["active"].numel()
+        return EpochPlan(epoch, batches, w, n, n / max(len(self.table), 1), cur["hash"], refreshed)
 
+    @torch.no_grad()
+    def refresh(self, epoch: int, scorer: Scorer, batch_size: int = 256) -> int:
+        """Re-score stale samples with no-grad forwards split equally over the ranks.
+
+        Every rank runs the same number of forwards (padding rows are scored but not written), so
+        collectives inside the model (ZeRO-3) and the per-batch all-gather line up. Returns the
+        forwards this rank ran; the caller adds them to data/samples_forward and compute/flops.
+        """
+        stale = self.stale(epoch)
+        n = stale.numel()
+        if n == 0:
+            return 0
+        per_rank = -(-n // self.world_size)
+        mine = torch.arange(self.rank * per_rank, (self.rank + 1) * per_rank)
+        valid = mine < n
+        idx = torch.where(valid, stale[mine.clamp(max=n - 1)], torch.full_like(mine, -1))
+        ran = 0
+        for start in range(0, per_rank, batch_size):
+            chunk = idx[start:start + batch_size]
+            s = scorer(chunk.clamp(min=0) if bool((chunk < 0).any()) else chunk)
+            self.record(chunk, s.loss, s.prob, s.correct, epoch)
+            self.sync(training=False)
+            ran += chunk.numel()
+        return ran
+
+    # -- score updates ----------------------------------------------------------------------------
     def record(self, indices: torch.Tensor, losses: torch.Tensor, probs: torch.Tensor,
                correct: torch.Tensor, epoch: int) -> None:
-        """Buffer this rank's per-sample scores; `sync` publishes them to every rank."""
+        """Buffer this rank's per-sample scores; `sync` publishes them to every rank.
+        Rows with a negative index are padding: sent (equal counts) but not written."""
         vals = torch.stack([losses.detach().float().cpu(), probs.detach().float().cpu(),
                             correct.detach().float().cpu(), torch.full_like(losses, float(epoch)).float().cpu()],
                            dim=1)
@@ -97,8 +181,12 @@ class DataService:
         row = torch.cat([indices.cpu().to(torch.int64)[:, None], vals.contiguous().view(torch.int64)], dim=1)
         self._pending.append(row)
 
-    def sync(self) -> None:
-        """All-gather buffered scores (equal counts on every rank by construction) into the table."""
+    def sync(self, training: bool = True) -> None:
+        """All-gather buffered scores (equal counts on every rank by construction) into the table.
+
+        Training rows first move the running loss level by their mean loss (every rank sees the
+        same rows in the same order, so the level is identical everywhere); refresh rows do not.
+        """
         if not self._pending:
             return
         local = torch.cat(self._pending)
@@ -107,13 +195,24 @@ class DataService:
             parts = [torch.empty_like(local) for _ in range(self.world_size)]
             dist.all_gather(parts, local, group=self.group)
             local = torch.cat(parts)
+        local = local[local[:, 0] >= 0]
+        if local.numel() == 0:
+            return
         vals = local[:, 1:].contiguous().view(torch.float32)
+        if training:
+            self.table.observe_level(float(vals[:, 0].double().mean()))
         self.table.update(local[:, 0], loss=vals[:, 0], prob=vals[:, 1], correct=vals[:, 2] > 0.5,
                           epoch=vals[:, 3].to(torch.int32))
 
+    # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"table": self.table.state_dict(), "policy": self.policy.state_dict()}
+        if self._pending:
+            raise RuntimeError("data service: checkpoint with unsynced scores (call sync() first)")
+        cur = None if self._current is None else dict(self._current)
+        return {"table": self.table.state_dict(), "policy": self.policy.state_dict(), "plan": cur}
 
     def load_state_dict(self, state: dict) -> None:
         self.table.load_state_dict(state["table"])
         self.policy.load_state_dict(state["policy"])
+        self._current = state.get("plan")
+        self._pending = []

@@ -1,58 +1,38 @@
 """Sample-selection policies behind one protocol, and the score table they read.
 
-A policy looks at the score table and returns the epoch's active global indices and their
-per-sample loss weights. Every rank holds the same table and calls the policy with the same
-generator, so every rank derives the same decision.
+A policy looks at the score table and returns the epoch's active global indices (int64, sorted
+ascending) and their per-sample loss weights. Every rank holds the same table and calls the
+policy with the same generator, so every rank derives the same decision. Everything is tensor
+ops over the whole table (no Python loop over samples): planning a 10 M-sample epoch takes well
+under a second.
+
+Samples never scored (table epoch -1) are always kept: PDD's first epoch trains on everything,
+InfoBatch prunes only scored samples, and the price rule cannot judge an unseen sample.
+The last `revision_epochs` epochs of every policy use all data with weight 1.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
 
+from metabolic.engine.score_table import ScoreTable
 
-class ScoreTable:
-    """Per-sample scores keyed by stable global index (13 bytes per sample, replicated per rank)."""
-
-    def __init__(self, num_samples: int) -> None:
-        self.loss = torch.zeros(num_samples, dtype=torch.float32)
-        """Last training loss of the sample."""
-        self.prob = torch.zeros(num_samples, dtype=torch.float32)
-        """Last true-class probability p(y|x) (exp(-loss) for language models)."""
-        self.correct = torch.zeros(num_samples, dtype=torch.bool)
-        """Whether the last prediction was correct."""
-        self.epoch = torch.full((num_samples,), -1, dtype=torch.int32)
-        """Epoch the sample was last scored (-1: never)."""
-
-    def __len__(self) -> int:
-        return self.loss.numel()
-
-    def update(self, index: torch.Tensor, loss: torch.Tensor, prob: torch.Tensor, correct: torch.Tensor,
-               epoch: torch.Tensor) -> None:
-        self.loss[index] = loss
-        self.prob[index] = prob
-        self.correct[index] = correct
-        self.epoch[index] = epoch
-
-    def state_dict(self) -> dict:
-        return {"loss": self.loss.clone(), "prob": self.prob.clone(), "correct": self.correct.clone(),
-                "epoch": self.epoch.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for k in ("loss", "prob", "correct", "epoch"):
-            if state[k].shape != getattr(self, k).shape:
-                raise ValueError(f"checkpoint score table has {state[k].numel()} samples, run has {len(self)} "
-                                 "(resume with the same data.limit)")
-            getattr(self, k).copy_(state[k])
+__all__ = ["ScoreTable", "DataPolicy", "FullData", "DifficultyDropout", "RandomDropout", "MatchedRandomDropout",
+           "InfoBatch", "PriceThreshold", "build_policy", "POLICIES"]
 
 
 class DataPolicy(Protocol):
     """Chooses the epoch's active samples and their loss weights."""
 
+    refresh: bool
+    """Whether scores of samples not trained on last epoch must be refreshed (no-grad forward) first."""
+
     def select(self, table: ScoreTable, epoch: int, num_epochs: int,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (active int64 indices, float32 loss weights of the same length)."""
+        """Return (active int64 indices, sorted ascending; float32 loss weights of the same length)."""
         ...
 
     def state_dict(self) -> dict: ...
@@ -60,13 +40,44 @@ class DataPolicy(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-class FullData:
-    """Every sample, weight 1: the standard recipe."""
+def _all(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.arange(n, dtype=torch.int64), torch.ones(n, dtype=torch.float32)
+
+
+def _mask(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    active = keep.nonzero().squeeze(1)
+    return active, torch.ones(active.numel(), dtype=torch.float32)
+
+
+def _random_subset(n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """k of n indices chosen uniformly at random, returned sorted."""
+    k = max(0, min(k, n))
+    if k == n:
+        return _all(n)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[torch.randperm(n, generator=generator)[:k]] = True
+    return _mask(keep)
+
+
+class _Policy:
+    """Revision epochs and state handling shared by every policy."""
+
+    refresh = False
+
+    def __init__(self, revision_epochs: int = 0) -> None:
+        self.revision_epochs = revision_epochs
+
+    def revising(self, epoch: int, num_epochs: int) -> bool:
+        return epoch >= num_epochs - self.revision_epochs
 
     def select(self, table: ScoreTable, epoch: int, num_epochs: int,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(table)
-        return torch.arange(n, dtype=torch.int64), torch.ones(n)
+        if self.revising(epoch, num_epochs):
+            return _all(len(table))
+        return self._select(table, epoch, num_epochs, generator)
+
+    def _select(self, table, epoch, num_epochs, generator):
+        raise NotImplementedError
 
     def state_dict(self) -> dict:
         return {}
@@ -75,8 +86,133 @@ class FullData:
         pass
 
 
+class FullData(_Policy):
+    """Every sample, weight 1: the standard recipe."""
+
+    def _select(self, table, epoch, num_epochs, generator):
+        return _all(len(table))
+
+
+def difficulty_keep(table: ScoreTable, tau: float) -> torch.Tensor:
+    """DBPD's rule: keep if p(y|x) < tau; tau = 0 (lazy learning) keeps the misclassified. Unscored: kept."""
+    hard = ~table.correct if tau == 0 else table.adjusted_prob() < tau
+    return hard | ~table.scored()
+
+
+class DifficultyDropout(_Policy):
+    """PDD difficulty-based (DBPD): train on samples the model still finds hard; lazy is tau = 0.
+
+    Dropped samples are re-scored before each epoch (refresh, on by default) so they can return,
+    as in the paper; every re-scoring forward is counted.
+    """
+
+    refresh = True
+
+    def __init__(self, tau: float, revision_epochs: int = 0) -> None:
+        super().__init__(revision_epochs)
+        self.tau = tau
+
+    def _select(self, table, epoch, num_epochs, generator):
+        return _mask(difficulty_keep(table, self.tau))
+
+
+class RandomDropout(_Policy):
+    """PDD scalar random (SRD): ceil(gamma^t * N) samples at random in epoch t."""
+
+    def __init__(self, gamma: float, revision_epochs: int = 0) -> None:
+        super().__init__(revision_epochs)
+        self.gamma = gamma
+
+    def _select(self, table, epoch, num_epochs, generator):
+        n = len(table)
+        k = math.ceil((self.gamma ** epoch) * n - 1e-9)  # 0.0 ** 0 == 1: epoch 0 is full
+        return _random_subset(n, k, generator)
+
+
+class MatchedRandomDropout(_Policy):
+    """PDD schedule-matched random (SMRD): as many samples as DBPD would keep, chosen at random."""
+
+    refresh = True
+
+    def __init__(self, tau: float, revision_epochs: int = 0) -> None:
+        super().__init__(revision_epochs)
+        self.tau = tau
+
+    def _select(self, table, epoch, num_epochs, generator):
+        k = int(difficulty_keep(table, self.tau).sum())
+        return _random_subset(len(table), k, generator)
+
+
+class InfoBatch(_Policy):
+    """InfoBatch: scored samples below the mean loss are pruned with probability r; the kept ones of
+    them get loss weight 1/(1-r); from epoch delta * T on (annealing) all data is used."""
+
+    def __init__(self, prune_ratio: float, anneal: float, revision_epochs: int = 0) -> None:
+        super().__init__(revision_epochs)
+        self.prune_ratio, self.anneal = prune_ratio, anneal
+
+    def _select(self, table, epoch, num_epochs, generator):
+        n = len(table)
+        if epoch >= self.anneal * num_epochs or self.prune_ratio == 0:
+            return _all(n)
+        scored = table.scored()
+        if not bool(scored.any()):
+            return _all(n)
+        loss = table.adjusted_loss()
+        mean = loss[scored].double().mean().float()
+        well_learned = scored & (loss < mean)
+        pruned = well_learned & (torch.rand(n, generator=generator) < self.prune_ratio)
+        active = (~pruned).nonzero().squeeze(1)
+        weights = torch.where(well_learned[active], 1.0 / (1.0 - self.prune_ratio), 1.0).float()
+        return active, weights
+
+
+class PriceThreshold(_Policy):
+    """Energy-priced: keep a sample while its gradient-magnitude proxy exceeds `price`.
+
+    The proxy is 1 - p(y|x) (the logit-gradient norm lies between it and sqrt(2) times it) or the
+    loss (language models). `price` is a plain attribute an external controller sets between
+    epochs; it is saved in checkpoints. Unscored samples are kept.
+    """
+
+    def __init__(self, price: float, proxy: str = "gap", revision_epochs: int = 0) -> None:
+        super().__init__(revision_epochs)
+        self.price, self.proxy = float(price), proxy
+
+    def proxy_values(self, table: ScoreTable) -> torch.Tensor:
+        return table.adjusted_loss() if self.proxy == "loss" else 1.0 - table.adjusted_prob()
+
+    def _select(self, table, epoch, num_epochs, generator):
+        return _mask((self.proxy_values(table) > self.price) | ~table.scored())
+
+    def state_dict(self) -> dict:
+        return {"price": self.price}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.price = float(state.get("price", self.price))
+
+
+POLICIES = ("full", "pdd_difficulty", "lazy", "pdd_random", "pdd_matched", "infobatch", "price")
+
+
 def build_policy(cfg) -> DataPolicy:
-    """The policy named by config key data.policy."""
-    if cfg.policy == "full":
-        return FullData()
-    raise ValueError(f"config key 'data.policy': unknown policy {cfg.policy!r}")
+    """The policy named by config key data.policy, with its data.* parameters."""
+    rev = cfg.revision_epochs
+    name = cfg.policy
+    if name == "full":
+        policy = FullData(rev)
+    elif name in ("pdd_difficulty", "lazy"):
+        policy = DifficultyDropout(0.0 if name == "lazy" else cfg.tau, rev)
+    elif name == "pdd_random":
+        policy = RandomDropout(cfg.gamma, rev)
+    elif name == "pdd_matched":
+        policy = MatchedRandomDropout(cfg.tau, rev)
+    elif name == "infobatch":
+        policy = InfoBatch(cfg.prune_ratio, cfg.anneal, rev)
+    elif name == "price":
+        policy = PriceThreshold(cfg.price, cfg.price_proxy, rev)
+    else:
+        raise ValueError(f"config key 'data.policy': unknown policy {name!r}, expected one of {POLICIES}")
+    if cfg.refresh is not None:
+        policy.refresh = bool(cfg.refresh)
+    return policy

@@ -72,7 +72,8 @@ class Trainer:
                                    self.info.meta_group, meter if meter.available else None)
         self.ledger.attach(self.optimizer)
         self.service = DataService(self.task.num_train, build_policy(cfg.data), cfg.seed, cfg.train.micro_batch_size,
-                                   cfg.train.grad_accum, self.info.rank, self.info.world_size, self.info.meta_group)
+                                   cfg.train.grad_accum, self.info.rank, self.info.world_size, self.info.meta_group,
+                                   relative_scores=cfg.data.relative_scores)
         self.state = LoopState()
         self.metrics = MetricsWriter(self.out, enabled=self.is_main)
         self.history: list[dict] = []  # per-epoch plan figures
@@ -130,7 +131,11 @@ class Trainer:
         progress = Progress(self.is_main and cfg.train.progress, cfg.train.max_steps, self.state.step)
         try:
             while not self.state.done:
-                plan = self.service.plan_epoch(self.state.epoch, cfg.train.epochs)
+                plan = self.service.plan_epoch(self.state.epoch, cfg.train.epochs, scorer=self._score_no_grad,
+                                               refresh_batch=max(256, 2 * cfg.train.micro_batch_size))
+                if plan.refreshed:  # no-grad forwards that refreshed stale scores before this epoch
+                    self.ledger.add_samples(forward=plan.refreshed, tokens=0,
+                                            flops=self.flops_per_sample * plan.refreshed)
                 if self.state.micro == 0:
                     self._record_plan(plan)
                 self._train_epoch(plan, progress)
@@ -172,6 +177,17 @@ class Trainer:
                                 flops=3.0 * self.flops_per_sample * n)
         self.ledger.add_loss(float(scores.loss.detach().sum()), n)
         self.service.record(idx, scores.loss, scores.prob, scores.correct, plan.epoch)
+
+    @torch.no_grad()
+    def _score_no_grad(self, idx: torch.Tensor):
+        """Score samples without training on them (the data service's refresh pass), in eval mode."""
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        x, y = self.task.train_batch(idx, epoch_generator(self.cfg.seed, self.state.epoch, salt=999))
+        scores = self.task.score(self.engine(x), y)
+        module.train(was_training)
+        return scores
 
     def _set_lr(self, plan: EpochPlan, m: int) -> None:
         t = self.cfg.train
@@ -219,6 +235,9 @@ class Trainer:
         dn = record["data/samples_backward"] - self._last["data/samples_backward"]
         record["time/samples_per_s"] = dn / dt if dt > 0 else None
         record["dist/world_size"] = self.info.world_size
+        if self.history:  # the data plan of the epoch these steps trained on
+            record["data/kept_fraction"] = self.history[-1]["kept_fraction"]
+            record["data/active_hash"] = self.history[-1]["active_hash"]
         if eval_now:
             sync_buffers(self.engine.module, self.info.world_size, self.info.meta_group)
             record.update(evaluate(self.engine, self.task, max(256, self.cfg.train.micro_batch_size),
