@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from metabolic.engine.config import ExperimentConfig
+from metabolic.engine.config import LM_MODELS, ExperimentConfig
 
 
-def build_task(cfg: ExperimentConfig, device: torch.device):
+def build_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, is_main: bool, barrier: Callable):
     """The training task and its data (raises DatasetMissingError with instructions)."""
+    if cfg.model.name in LM_MODELS:
+        return build_lm_task(cfg, device, run_dir, is_main, barrier)
     from metabolic.data import load_image_splits
     from metabolic.engine.task import ImageClassification
 
@@ -20,10 +24,61 @@ def build_task(cfg: ExperimentConfig, device: torch.device):
     return ImageClassification(train, test, augment=cfg.data.augment, device=device, dtype=dtype)
 
 
-def build_model(cfg: ExperimentConfig, task) -> nn.Module:
+def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, is_main: bool, barrier: Callable):
+    """Corpus -> tokenizer (trained once and saved in the run) -> packed train/validation sequences."""
+    from metabolic.data.text import iter_documents, pack, split_train_val
+    from metabolic.data.tokenizer import load_or_build_tokenizer
+    from metabolic.engine.task import LanguageModeling
+
+    d, tx = cfg.data, cfg.data.text
+
+    def documents():
+        return iter_documents(tx.corpus, d.path, d.hf_name, tx.text_key, tx.streaming)
+
+    tokenizer = load_or_build_tokenizer(tx.tokenizer, tx.vocab_size, lambda: list(documents()), run_dir, is_main,
+                                        barrier)
+    encoded = (tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in documents())
+    # With streaming, stop reading once data.limit training sequences (plus validation) are packed.
+    cap = None if d.limit is None else int(d.limit / (1 - tx.val_fraction)) + 1
+    train, val = split_train_val(pack(encoded, tx.seq_len, tokenizer.eos_token_id, cap), tx.val_fraction)
+    if d.limit is not None:
+        train = train[: d.limit]
+    if d.eval_limit is not None:
+        val = val[: d.eval_limit]
+    task = LanguageModeling(train, val, vocab_size=len(tokenizer), device=device)
+    task.tokenizer = tokenizer
+    return task
+
+
+def build_model(cfg: ExperimentConfig, task, ds_config: dict) -> tuple[nn.Module, object]:
+    """The model, and for LMs under ZeRO-3 the HfDeepSpeedConfig that must stay alive with it."""
+    if cfg.model.name in LM_MODELS:
+        from metabolic.models.lm import build_causal_lm
+
+        keep_alive = None
+        if cfg.deepspeed.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_config build inside zero.Init
+        model = build_causal_lm(cfg.model, task.vocab_size, task.seq_len, task.tokenizer.eos_token_id)
+        return model, keep_alive
     from metabolic.models import build_classifier
 
-    return build_classifier(cfg.model, task.train.sample_shape, task.train.num_classes)
+    return build_classifier(cfg.model, task.train.sample_shape, task.train.num_classes), None
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable weights, also when ZeRO-3 has already partitioned them (ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+
+
+def forward_flops_per_sample(cfg: ExperimentConfig, model: nn.Module, task) -> float:
+    """Forward FLOPs of one sample: counted by torch's FLOP counter, analytic for LMs."""
+    if cfg.model.name in LM_MODELS:
+        from metabolic.models.lm import lm_forward_flops_per_token
+
+        return lm_forward_flops_per_token(cfg.model, count_params(model), task.seq_len) * task.seq_len
+    return counted_forward_flops(model, task.example())
 
 
 def build_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
@@ -69,7 +124,7 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict:
     return ds
 
 
-def forward_flops_per_sample(model: nn.Module, example: torch.Tensor) -> float:
+def counted_forward_flops(model: nn.Module, example: torch.Tensor) -> float:
     """FLOPs of one sample's forward pass, counted once by torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -1,4 +1,4 @@
-"""Evaluation on the test split, sharded equally over ranks."""
+"""Evaluation on the test (or validation) split, sharded equally over ranks."""
 
 from __future__ import annotations
 
@@ -21,26 +21,22 @@ def sync_buffers(module: torch.nn.Module, world_size: int, group=None) -> None:
 
 @torch.no_grad()
 def evaluate(engine, task, batch_size: int, rank: int, world_size: int, group=None) -> dict:
-    """Global eval loss and accuracy. Every rank runs the same number of forwards (ZeRO-3 needs
-    all ranks in each forward); padding samples are masked out of the sums."""
+    """Global eval figures from the task. Every rank runs the same number of forwards (ZeRO-3
+    needs all ranks in each forward); padding samples are masked out of the sums."""
     n = task.num_test
     per_rank = -(-n // world_size)
     lo = rank * per_rank
     module = engine.module
     was_training = module.training
     module.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, count
+    sums = torch.zeros(len(task.eval_fields), dtype=torch.float64)
     for start in range(0, per_rank, batch_size):
         idx = torch.arange(lo + start, lo + min(start + batch_size, per_rank))
         valid = idx < n
-        x, y = task.test_batch(idx.clamp(max=n - 1))
-        s = task.score(engine(x), y)
-        v = valid.to(s.loss.device)
-        sums += torch.tensor([float((s.loss * v).sum()), float((s.correct & v).sum()), float(v.sum())],
-                             dtype=torch.float64)
+        inputs, targets = task.test_batch(idx.clamp(max=n - 1))
+        sums += torch.tensor(task.eval_sums(engine(inputs), targets, valid), dtype=torch.float64)
     if was_training:
         module.train()
     if world_size > 1:
         dist.all_reduce(sums, group=group)
-    loss, correct, count = sums.tolist()
-    return {"eval/loss": loss / count, "eval/accuracy": correct / count}
+    return task.eval_metrics(sums.tolist())

@@ -1,11 +1,13 @@
-"""What is being learned: how a batch is built from indices and how per-sample losses are scored.
+"""What is being learned: batches from global indices, per-sample scores, evaluation sums.
 
-The trainer loop is task-agnostic; a task turns global indices into model inputs and model
-outputs into per-sample (loss, probability-of-target, correct) triples for the data service.
+The trainer loop is task-agnostic. A task turns global indices into model inputs, model outputs
+into per-sample (loss, probability-of-target, correct) for the loss weights and the data
+service, and test batches into summable evaluation figures.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +26,9 @@ class Scores:
 
 
 class ImageClassification:
-    """Cross-entropy classification over ImageArrays."""
+    """Cross-entropy classification over ImageArrays; eval reports loss and accuracy."""
+
+    eval_fields = ("loss_sum", "correct", "count")
 
     def __init__(self, train: ImageArrays, test: ImageArrays, augment: bool, device: torch.device,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -38,6 +42,9 @@ class ImageClassification:
     @property
     def num_test(self) -> int:
         return len(self.test)
+
+    def example(self) -> torch.Tensor:
+        return self.train.batch(torch.arange(1))[0]
 
     def train_batch(self, indices: torch.Tensor, generator: torch.Generator):
         x, y = self.train.batch(indices, augment=self.augment, generator=generator)
@@ -53,5 +60,69 @@ class ImageClassification:
         loss = -logp.gather(1, targets[:, None]).squeeze(1)
         return Scores(loss=loss, prob=loss.detach().neg().exp(), correct=logits.argmax(-1) == targets)
 
+    def eval_sums(self, logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> list[float]:
+        s = self.score(logits, targets)
+        v = valid.to(s.loss.device)
+        return [float((s.loss * v).sum()), float((s.correct & v).sum()), float(v.sum())]
+
+    def eval_metrics(self, sums: list[float]) -> dict:
+        loss, correct, count = sums
+        return {"eval/loss": loss / count, "eval/accuracy": correct / count}
+
     def tokens(self, indices: torch.Tensor) -> int:
         return 0
+
+
+class LanguageModeling:
+    """Next-token prediction over packed sequences; a sample is one sequence.
+
+    Score of a sequence: its mean token loss; its "probability" exp(-loss) (the geometric mean
+    next-token probability), and "correct" when most of its next tokens are predicted right.
+    """
+
+    eval_fields = ("loss_sum", "tokens")
+
+    def __init__(self, train: torch.Tensor, val: torch.Tensor, vocab_size: int, device: torch.device) -> None:
+        self.train, self.val, self.vocab_size, self.device = train, val, vocab_size, device
+
+    @property
+    def num_train(self) -> int:
+        return self.train.shape[0]
+
+    @property
+    def num_test(self) -> int:
+        return self.val.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.shape[1]
+
+    def train_batch(self, indices: torch.Tensor, generator: torch.Generator):
+        ids = self.train[indices].to(self.device)
+        return ids, ids
+
+    def test_batch(self, indices: torch.Tensor):
+        ids = self.val[indices].to(self.device)
+        return ids, ids
+
+    def _token_losses(self, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pred, target = logits[:, :-1].float(), ids[:, 1:]
+        loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
+        return loss.view(target.shape), pred.argmax(-1) == target
+
+    def score(self, logits: torch.Tensor, ids: torch.Tensor) -> Scores:
+        tok_loss, tok_correct = self._token_losses(logits, ids)
+        loss = tok_loss.mean(1)
+        return Scores(loss=loss, prob=loss.detach().neg().exp(), correct=tok_correct.float().mean(1) > 0.5)
+
+    def eval_sums(self, logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> list[float]:
+        tok_loss, _ = self._token_losses(logits, ids)
+        v = valid.to(tok_loss.device)
+        return [float((tok_loss.sum(1) * v).sum()), float(v.sum() * tok_loss.shape[1])]
+
+    def eval_metrics(self, sums: list[float]) -> dict:
+        loss = sums[0] / sums[1]
+        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+    def tokens(self, indices: torch.Tensor) -> int:
+        return indices.numel() * self.seq_len

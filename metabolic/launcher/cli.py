@@ -34,14 +34,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"metabolic: {err}; run again with resume=true", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     if summary and not args.quiet:
-        keys = ("step", "eval/accuracy", "eval/loss", "energy/metabolic", "energy/metabolic_min",
+        keys = ("step", "eval/accuracy", "eval/loss", "eval/perplexity", "energy/metabolic", "energy/metabolic_min",
                 "energy/changed_weights", "data/effective_epochs", "time/wall_s")
         import torch.distributed  # noqa: F401  (rank is known only through the env once the group is gone)
         import os
 
         if os.environ.get("RANK", "0") == "0":
             print(" ".join(f"{k}={summary[k]:.6g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
-                           for k in keys))
+                           for k in keys if summary.get(k) is not None))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Models built from config by name."""
+"""Models built from config by name (causal LMs: metabolic.models.lm)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ def build_classifier(cfg, sample_shape: tuple[int, ...], num_classes: int) -> nn
         return resnet18(sample_shape[0], num_classes, width=cfg.width)
     if cfg.name == "mlp":
         return MLP(sample_shape, num_classes, width=cfg.width, depth=cfg.depth)
+    if cfg.name == "vit":
+        from metabolic.models.vit import ViTClassifier
+
+        return ViTClassifier(sample_shape, num_classes, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.patch_size)
     raise ValueError(f"config key 'model.name': unknown model {cfg.name!r}")
 
 

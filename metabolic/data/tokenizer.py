@@ -1,0 +1,59 @@
+"""Tokenizers: byte-level BPE trained offline (saved in the run), raw bytes, or from_pretrained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from metabolic.data.text import EOT
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`; deterministic for the same texts and size."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOT, bos_token=EOT, unk_token=EOT)
+
+
+def byte_tokenizer():
+    """256 byte tokens plus EOT, with no training: the tokenizer that needs nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<0x{i:02X}>": i for i in range(256)}
+    vocab[EOT] = 256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.ByteFallback()
+    tok.add_special_tokens([EOT])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT, unk_token=EOT)
+
+
+def load_or_build_tokenizer(spec: str, vocab_size: int, texts_fn, run_dir: Path, is_main: bool, barrier):
+    """The run's tokenizer: reuse `run_dir/tokenizer` if present (resume), else build it from `spec`.
+
+    spec: "bpe" (trained here by rank 0 and saved for the other ranks and for reuse), "byte",
+    or a local path / hub name for AutoTokenizer.from_pretrained.
+    """
+    from transformers import AutoTokenizer
+
+    saved = run_dir / "tokenizer"
+    if spec == "bpe":
+        if is_main and not (saved / "tokenizer.json").is_file():
+            saved.mkdir(parents=True, exist_ok=True)
+            train_bpe(texts_fn(), vocab_size).save_pretrained(str(saved))
+        barrier()
+        return AutoTokenizer.from_pretrained(str(saved))
+    if spec == "byte":
+        return byte_tokenizer()
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+    except Exception as err:
+        raise FileNotFoundError(f"config key 'data.text.tokenizer': cannot load tokenizer '{spec}' "
+                                f"({type(err).__name__}: {err})") from err
+    if tok.eos_token_id is None:
+        raise ValueError(f"config key 'data.text.tokenizer': tokenizer '{spec}' has no eos token to join documents")
+    return tok

