@@ -22,18 +22,44 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "resnet_small"
-    """Model family member: resnet_small, resnet18, mlp (classifiers)."""
+    """Model: resnet_small, resnet18, mlp, vit (classifiers); gpt2, llama (causal LMs)."""
     width: int = 32
-    """Channels of the first stage (CNN) or hidden units (MLP)."""
+    """Channels of the first stage (CNN), hidden units (MLP), hidden size (ViT, LMs)."""
     depth: int = 2
-    """Residual blocks per stage (CNN) or hidden layers (MLP)."""
+    """Residual blocks per stage (CNN), hidden layers (MLP), transformer layers (ViT, LMs)."""
+    heads: int = 4
+    """Attention heads (ViT, LMs)."""
+    mlp_ratio: int = 4
+    """Feed-forward width / hidden size (ViT, LMs)."""
+    patch_size: int = 4
+    """ViT patch size in pixels."""
+    pretrained: Optional[str] = None
+    """LMs: load weights with from_pretrained from this local path or hub name (null = from config)."""
+
+
+@dataclass
+class TextConfig:
+    corpus: str = "shakespeare"
+    """Text source: shakespeare (offline default corpus), files (data.path: file, folder or glob), hf."""
+    text_key: str = "text"
+    """Column holding the text for corpus=hf."""
+    streaming: bool = False
+    """corpus=hf: stream the corpus instead of downloading it whole (needs data.limit)."""
+    tokenizer: str = "bpe"
+    """bpe (byte-level BPE trained offline and saved in the run), byte, or a local path / hub name."""
+    vocab_size: int = 4096
+    """Vocabulary size of a trained BPE tokenizer."""
+    seq_len: int = 128
+    """Tokens per packed sequence."""
+    val_fraction: float = 0.05
+    """Fraction of packed sequences held out for validation (the last ones)."""
 
 
 @dataclass
 class DataConfig:
     source: str = "idx"
     """Dataset source: idx (IDX files) or hf (Hugging Face datasets)."""
-    path: str = "/usr/share/datasets/fashion-mnist"
+    path: Optional[str] = "/usr/share/datasets/fashion-mnist"
     """Folder of IDX files, or a local dataset folder/file for source=hf."""
     hf_name: Optional[str] = None
     """Hub dataset name for source=hf when online (e.g. zalando-datasets/fashion_mnist)."""
@@ -69,6 +95,8 @@ class DataConfig:
     (null: the policy's default, on for pdd_difficulty/lazy/pdd_matched)."""
     relative_scores: bool = True
     """Rescale stored losses by the running loss level at recording time (stale-score drift)."""
+    text: TextConfig = field(default_factory=lambda: TextConfig())
+    """Text corpus, tokenizer and packing (language models)."""
 
 
 @dataclass
@@ -81,6 +109,8 @@ class TrainConfig:
     """Samples per rank per forward/backward."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
+    eval_batch_size: Optional[int] = None
+    """Samples per rank per evaluation forward (null = 2 x micro_batch_size)."""
     eval_every: int = 0
     """Evaluate every N steps (0 = at the end of each epoch only)."""
     log_every: int = 20
@@ -163,8 +193,10 @@ class ExperimentConfig:
     """Energy accounting."""
 
 
-MODELS = ("resnet_small", "resnet18", "mlp")
-SOURCES = ("idx", "hf")
+MODELS = ("resnet_small", "resnet18", "mlp", "vit", "gpt2", "llama")
+LM_MODELS = ("gpt2", "llama")
+SOURCES = ("idx", "hf", "text")
+CORPORA = ("shakespeare", "files", "hf")
 OPTIMIZERS = ("adamw", "sgd", "masked_adamw", "masked_sgd")
 SELECT_RULES = ("dense", "topk", "hard", "soft", "random", "block")
 SCHEDULES = ("constant", "cosine")
@@ -182,6 +214,20 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(cfg.model.name in MODELS, "model.name", cfg.model.name, f"one of {MODELS}")
     _check(cfg.model.width >= 1, "model.width", cfg.model.width, ">= 1")
     _check(cfg.model.depth >= 1, "model.depth", cfg.model.depth, ">= 1")
+    _check(cfg.model.heads >= 1 and cfg.model.width % cfg.model.heads == 0, "model.heads", cfg.model.heads,
+           f">= 1 and dividing model.width={cfg.model.width}")
+    _check(cfg.model.mlp_ratio >= 1, "model.mlp_ratio", cfg.model.mlp_ratio, ">= 1")
+    _check(cfg.model.patch_size >= 1, "model.patch_size", cfg.model.patch_size, ">= 1")
+    is_lm = cfg.model.name in LM_MODELS
+    _check(is_lm == (cfg.data.source == "text"), "data.source", cfg.data.source,
+           "text for language models (gpt2, llama), idx or hf for classifiers")
+    tx = cfg.data.text
+    _check(tx.corpus in CORPORA, "data.text.corpus", tx.corpus, f"one of {CORPORA}")
+    _check(tx.vocab_size >= 260, "data.text.vocab_size", tx.vocab_size, ">= 260")
+    _check(tx.seq_len >= 2, "data.text.seq_len", tx.seq_len, ">= 2")
+    _check(0 < tx.val_fraction < 1, "data.text.val_fraction", tx.val_fraction, "in (0, 1)")
+    _check(not tx.streaming or cfg.data.limit is not None, "data.limit", cfg.data.limit,
+           "a number of sequences when data.text.streaming is true")
     _check(cfg.data.source in SOURCES, "data.source", cfg.data.source, f"one of {SOURCES}")
     for key in ("limit", "eval_limit"):
         v = getattr(cfg.data, key)

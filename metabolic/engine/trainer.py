@@ -56,19 +56,19 @@ class Trainer:
         self.info = dist_info or init_distributed()
         self.is_main = self.info.rank == 0
         torch.manual_seed(cfg.seed)
-        self.task = build.build_task(cfg, self.info.device)  # data errors surface before anything is written
         self._check_output_dir()
+        self.task = build.build_task(cfg, self.info.device, self.out, self.is_main,
+                                     lambda: dist.barrier(group=self.info.meta_group))
 
-        model = build.build_model(cfg, self.task)
-        example, _ = self.task.train.batch(torch.arange(1))
-        self.flops_per_sample = build.forward_flops_per_sample(model, example)
-        model_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        ds_config = build.deepspeed_config(cfg, self.info.world_size)
+        model, self._hf_ds_config = build.build_model(cfg, self.task, ds_config)
+        self.flops_per_sample = build.forward_flops_per_sample(cfg, model, self.task)
+        self.num_params = build.count_params(model)
         self.optimizer = build.build_optimizer(cfg, model.parameters())
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
-                                                    config=build.deepspeed_config(cfg, self.info.world_size))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
         meter = JouleMeter(self.info.local_rank if self.info.device.type == "cuda" else None,
                            read_cpu=cfg.energy.joules and self.info.local_rank == 0)
-        self.ledger = EnergyLedger(cfg.energy.alpha, model_numel, self.info.rank, self.info.world_size,
+        self.ledger = EnergyLedger(cfg.energy.alpha, self.num_params, self.info.rank, self.info.world_size,
                                    self.info.meta_group, meter if meter.available else None)
         self.ledger.attach(self.optimizer)
         self.service = DataService(self.task.num_train, build_policy(cfg.data), cfg.seed, cfg.train.micro_batch_size,
@@ -77,7 +77,7 @@ class Trainer:
         self.state = LoopState()
         self.metrics = MetricsWriter(self.out, enabled=self.is_main)
         self.history: list[dict] = []  # per-epoch plan figures
-        self._last = {"time/wall_s": 0.0, "data/samples_backward": 0}
+        self._last: dict = {}
         self._stop_requested = False
 
     # -- setup -----------------------------------------------------------------------------------
@@ -231,19 +231,18 @@ class Trainer:
         record = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.optimizer.param_groups[0]["lr"]}
         record.update(self.ledger.reduce())
         record["data/effective_epochs"] = record["data/samples_backward"] / self.task.num_train
-        dt = record["time/wall_s"] - self._last["time/wall_s"]
-        dn = record["data/samples_backward"] - self._last["data/samples_backward"]
-        record["time/samples_per_s"] = dn / dt if dt > 0 else None
+        record.update(throughput(record, self._last, self.info.world_size, self.info.device))
         record["dist/world_size"] = self.info.world_size
         if self.history:  # the data plan of the epoch these steps trained on
             record["data/kept_fraction"] = self.history[-1]["kept_fraction"]
             record["data/active_hash"] = self.history[-1]["active_hash"]
         if eval_now:
             sync_buffers(self.engine.module, self.info.world_size, self.info.meta_group)
-            record.update(evaluate(self.engine, self.task, max(256, self.cfg.train.micro_batch_size),
-                                   self.info.rank, self.info.world_size, self.info.meta_group))
-        self._last = {"time/wall_s": record["time/wall_s"], "data/samples_backward": record["data/samples_backward"],
-                      "record": record}
+            eval_batch = self.cfg.train.eval_batch_size or 2 * self.cfg.train.micro_batch_size
+            record.update(evaluate(self.engine, self.task, eval_batch, self.info.rank, self.info.world_size,
+                                   self.info.meta_group))
+        self._last = {k: record[k] for k in ("time/wall_s", "data/samples_backward", "data/tokens", "compute/flops")}
+        self._last["record"] = record
         self.metrics.write(record)
         return record
 
@@ -256,7 +255,7 @@ class Trainer:
 
     def _finish(self) -> dict:
         last = self._last.get("record") or self._log(eval_now=True)
-        if last["step"] != self.state.step or "eval/accuracy" not in last:
+        if last["step"] != self.state.step or "eval/loss" not in last:
             last = self._log(eval_now=True)
         summary = dict(last)
         summary["status"] = "completed"
@@ -265,6 +264,13 @@ class Trainer:
         summary["epochs"] = self.history
         summary["dataset_size"] = self.task.num_train
         summary["compute/forward_flops_per_sample"] = self.flops_per_sample
+        summary["model/params"] = self.num_params
+        if hasattr(self.task, "tokenizer"):
+            from metabolic.data.text import unigram_entropy
+            from metabolic.models.lm import save_hf
+
+            summary["data/unigram_entropy"] = unigram_entropy(self.task.train, self.task.vocab_size)
+            save_hf(self.engine.module, self.task.tokenizer, self.out / "hf_model", self.is_main)
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             try:
@@ -274,6 +280,24 @@ class Trainer:
             except Exception as err:  # a plot must never lose a finished run
                 print(f"[metabolic] report.png not written: {err}", file=sys.stderr)
         return summary
+
+
+# Dense bf16 peak FLOP/s of accelerators whose figure is published (model FLOPs utilisation).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def throughput(record: dict, last: dict, world_size: int, device: torch.device) -> dict:
+    """Rates over the interval since the last record: samples/s, tokens/s, and MFU where a peak is known."""
+    dt = record["time/wall_s"] - last.get("time/wall_s", 0.0)
+    rate = lambda key: (record[key] - last.get(key, 0)) / dt if dt > 0 else None  # noqa: E731
+    out = {"time/samples_per_s": rate("data/samples_backward"), "time/tokens_per_s": rate("data/tokens")}
+    peak = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    flops_rate = rate("compute/flops")
+    out["compute/mfu"] = flops_rate / (peak * world_size) if peak and flops_rate is not None else None
+    return out
 
 
 def train(cfg: ExperimentConfig) -> dict:
