@@ -1,8 +1,9 @@
-"""The `metabolic` command line: train (and, as they land, launch, submit, report, compare)."""
+"""The `metabolic` command line: train, launch (accelerate, multi-node), submit (SLURM)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -45,6 +46,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from metabolic.engine.config import ConfigError
+    from metabolic.launcher.launch import LaunchError, LaunchSpec, default_procs_per_node, run
+
+    node_rank = args.node_rank
+    if node_rank is None:
+        node_rank = int(os.environ.get("SLURM_NODEID", "0")) if args.nodes > 1 else 0
+    spec = LaunchSpec(args.config, list(args.overrides), nodes=args.nodes,
+                      procs_per_node=args.procs_per_node or default_procs_per_node(),
+                      main_address=args.main_address, main_port=args.main_port, node_rank=node_rank,
+                      accelerate_config=args.accelerate_config)
+    try:
+        return run(spec, dry_run=args.dry_run)
+    except (ConfigError, LaunchError) as err:
+        return _error(str(err))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from metabolic.engine.config import ConfigError
+    from metabolic.launcher.launch import LaunchError
+    from metabolic.launcher.submit import SubmitError, SubmitSpec, submit
+
+    spec = SubmitSpec(args.config, list(args.overrides), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                      procs_per_node=args.procs_per_node, cpus_per_node=args.cpus_per_node,
+                      partition=args.partition, time=args.time, signal_seconds=args.signal_seconds,
+                      accelerate_config=args.accelerate_config, sbatch_args=list(args.sbatch_arg or []))
+    try:
+        return submit(spec, dry_run=args.dry_run)
+    except (ConfigError, LaunchError, SubmitError) as err:
+        return _error(str(err))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metabolic", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +86,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, key=value")
     p.add_argument("--quiet", action="store_true", help="do not print the final summary line")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("launch", help="run `accelerate launch` for this node (single node, or one node of several)",
+                       description="Build and run the `accelerate launch` command that starts this node's ranks of "
+                                   "`metabolic train` (DeepSpeed config from the experiment, written to "
+                                   "<output_dir>/deepspeed.json; c10d rendezvous with several nodes).")
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, key=value")
+    p.add_argument("--nodes", type=int, default=1, help="number of machines in the job (default 1)")
+    p.add_argument("--procs-per-node", type=int, default=None,
+                   help="ranks on each machine (default: one per GPU, 1 without CUDA)")
+    p.add_argument("--main-address", default=None, help="address of node rank 0 (required with --nodes > 1)")
+    p.add_argument("--main-port", type=int, default=None,
+                   help="rendezvous port on node rank 0 (default 29500 multi-node, a free port on one node)")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="this machine's rank, 0..nodes-1 (default $SLURM_NODEID with several nodes, else 0)")
+    p.add_argument("--accelerate-config", default=None,
+                   help="an accelerate config file (configs/accelerate/*.yaml) for defaults; flags win")
+    p.add_argument("--dry-run", action="store_true", help="print the exact argv and exit")
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("submit", help="render an sbatch script into the run folder and submit it",
+                       description="Render slurm/<cpu|gpu>_<single|multi>_node.sbatch to <output_dir>/slurm/job.sbatch "
+                                   "and submit it with sbatch. The job resumes from its checkpoint when requeued.")
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, key=value")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (one SLURM task per node)")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0: CPU job; default 0)")
+    p.add_argument("--procs-per-node", type=int, default=None, help="ranks per node (default: GPUs per node, or 1)")
+    p.add_argument("--cpus-per-node", type=int, default=None, help="CPUs per node (default: ranks per node)")
+    p.add_argument("--partition", default=None, help="SLURM partition")
+    p.add_argument("--time", default=None, help="time limit (e.g. 30, 01:00:00, 1-00:00:00)")
+    p.add_argument("--signal-seconds", type=int, default=120,
+                   help="SLURM sends USR1 this long before the time limit: checkpoint, requeue (default 120)")
+    p.add_argument("--accelerate-config", default=None, help="an accelerate config file passed to every node's launch")
+    p.add_argument("--sbatch-arg", action="append", metavar="ARG",
+                   help="extra sbatch argument, e.g. --sbatch-arg=--account=proj (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command; submit nothing")
+    p.set_defaults(func=cmd_submit)
     return parser
 
 
