@@ -48,16 +48,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     from metabolic.engine.config import ConfigError
-    from metabolic.launcher.launch import LaunchError, LaunchSpec, default_procs_per_node, run
+    from metabolic.launcher.launch import (LaunchError, LaunchSpec, default_procs_per_node,
+                                           defaults_from_accelerate_config, run)
 
-    node_rank = args.node_rank
-    if node_rank is None:
-        node_rank = int(os.environ.get("SLURM_NODEID", "0")) if args.nodes > 1 else 0
-    spec = LaunchSpec(args.config, list(args.overrides), nodes=args.nodes,
-                      procs_per_node=args.procs_per_node or default_procs_per_node(),
-                      main_address=args.main_address, main_port=args.main_port, node_rank=node_rank,
-                      accelerate_config=args.accelerate_config)
     try:
+        # Unset flags come from --accelerate-config (when given), then from the defaults.
+        file_values = defaults_from_accelerate_config(args.accelerate_config) if args.accelerate_config else {}
+        nodes = args.nodes or file_values.get("nodes", 1)
+        node_rank = args.node_rank
+        if node_rank is None:
+            node_rank = int(os.environ["SLURM_NODEID"]) if nodes > 1 and "SLURM_NODEID" in os.environ \
+                else file_values.get("node_rank", 0)
+        spec = LaunchSpec(args.config, list(args.overrides), nodes=nodes,
+                          procs_per_node=args.procs_per_node or file_values.get("procs_per_node")
+                          or default_procs_per_node(),
+                          main_address=args.main_address or file_values.get("main_address"),
+                          main_port=args.main_port if args.main_port is not None else file_values.get("main_port"),
+                          node_rank=node_rank, accelerate_config=args.accelerate_config)
         return run(spec, dry_run=args.dry_run)
     except (ConfigError, LaunchError) as err:
         return _error(str(err))
@@ -93,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "<output_dir>/deepspeed.json; c10d rendezvous with several nodes).")
     p.add_argument("config", help="experiment YAML")
     p.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, key=value")
-    p.add_argument("--nodes", type=int, default=1, help="number of machines in the job (default 1)")
+    p.add_argument("--nodes", type=int, default=None, help="number of machines in the job (default 1)")
     p.add_argument("--procs-per-node", type=int, default=None,
                    help="ranks on each machine (default: one per GPU, 1 without CUDA)")
     p.add_argument("--main-address", default=None, help="address of node rank 0 (required with --nodes > 1)")

@@ -70,15 +70,40 @@ def check_spec(spec: LaunchSpec) -> None:
         raise LaunchError(f"--main-port must be a TCP port, got {spec.main_port}")
 
 
-def _accelerate_zero_stage(path: str) -> Optional[int]:
-    """The ZeRO stage an accelerate config file names (None when it names none)."""
+def read_accelerate_config(path: str) -> dict:
     from omegaconf import OmegaConf
 
     try:
         data = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as err:
         raise LaunchError(f"--accelerate-config {path}: cannot read it ({err})") from err
-    stage = (data or {}).get("deepspeed_config", {}) or {}
+    if not isinstance(data, dict):
+        raise LaunchError(f"--accelerate-config {path}: expected a mapping of accelerate settings")
+    return data
+
+
+def defaults_from_accelerate_config(path: str) -> dict:
+    """nodes / procs_per_node / main_address / main_port / node_rank that an accelerate config file sets."""
+    data = read_accelerate_config(path)
+    out = {}
+    machines, procs = data.get("num_machines"), data.get("num_processes")
+    if machines:
+        out["nodes"] = int(machines)
+    if procs:
+        out["procs_per_node"] = max(int(procs) // int(machines or 1), 1)
+    if data.get("main_process_ip"):
+        out["main_address"] = str(data["main_process_ip"])
+    if data.get("main_process_port") is not None:
+        out["main_port"] = int(data["main_process_port"])
+    if data.get("machine_rank") is not None:
+        out["node_rank"] = int(data["machine_rank"])
+    return out
+
+
+def _accelerate_zero_stage(path: str) -> Optional[int]:
+    """The ZeRO stage an accelerate config file names (None when it names none)."""
+    data = read_accelerate_config(path)
+    stage = data.get("deepspeed_config", {}) or {}
     stage = stage.get("zero_stage") if isinstance(stage, dict) else None
     return None if stage is None else int(stage)
 
