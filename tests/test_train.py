@@ -37,6 +37,13 @@ def test_single_process_run_writes_contract(tmp_path, fmnist):
     # Records are cumulative: energy and samples never decrease.
     for a, b in zip(recs, recs[1:]):
         assert b["energy/metabolic"] >= a["energy/metabolic"] and b["data/samples_backward"] >= a["data/samples_backward"]
+    # report and compare work on the finished run (compare against itself: every ratio is 1.00x).
+    (out / "report.png").unlink()
+    rep = ok(metabolic("report", str(out), timeout=120)).stdout
+    assert "accuracy" in rep and f"{s['eval/accuracy']:.4g}" in rep and (out / "report.png").is_file()
+    cmp = ok(metabolic("compare", str(out), str(out), "--out", str(tmp_path / "cmp.png"), timeout=120)).stdout
+    assert cmp.count("(1.00x)") >= 16 and (tmp_path / "cmp.png").is_file()
+    assert metabolic("report", str(tmp_path / "nothing"), timeout=60).returncode == 2
     # A second start in the same folder is refused and loses nothing.
     before = (out / "summary.json").read_text()
     proc = metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL)

@@ -60,7 +60,8 @@ def build_model(cfg: ExperimentConfig, task, ds_config: dict) -> tuple[nn.Module
             from transformers.integrations import HfDeepSpeedConfig
 
             keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_config build inside zero.Init
-        model = build_causal_lm(cfg.model, task.vocab_size, task.seq_len, task.tokenizer.eos_token_id)
+        vocab = max(task.vocab_size, cfg.model.vocab_size or 0)
+        model = build_causal_lm(cfg.model, vocab, task.seq_len, task.tokenizer.eos_token_id)
         return model, keep_alive
     from metabolic.models import build_classifier
 

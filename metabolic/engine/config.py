@@ -35,6 +35,8 @@ class ModelConfig:
     """ViT patch size in pixels."""
     pretrained: Optional[str] = None
     """LMs: load weights with from_pretrained from this local path or hub name (null = from config)."""
+    vocab_size: Optional[int] = None
+    """LMs: pad the embedding to this many tokens (e.g. 50257 for GPT-2 sizes; null = the tokenizer's)."""
 
 
 @dataclass

@@ -1,10 +1,36 @@
-"""Plots of a run: accuracy (or eval loss) against metabolic energy and against samples_backward."""
+"""Reports of finished runs: a figures table and plots for one run, and comparisons of several.
+
+Everything is read from a run folder's summary.json and metrics.jsonl (the ledger's figures),
+so a report can be made at any time after the run, on any machine.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
+from typing import Optional
 
 from metabolic.engine.metrics import read_jsonl
+
+# Figures of the table, in order: (metric, header).
+TABLE = (("eval/accuracy", "accuracy"), ("eval/loss", "eval loss"), ("data/effective_epochs", "eff. epochs"),
+         ("data/samples_forward", "fwd samples"), ("data/samples_backward", "bwd samples"),
+         ("energy/metabolic", "M"), ("energy/metabolic_min", "M_min"), ("energy/metabolic_ratio", "M/M_min"),
+         ("energy/changed_weights", "changed w"), ("compute/flops", "FLOPs"), ("time/wall_s", "wall s"))
+
+
+class RunMissingError(FileNotFoundError):
+    """The folder is not a finished run."""
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
+    """(summary, metric records) of a finished run."""
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise RunMissingError(f"'{run_dir}' is not a finished run (no summary.json)")
+    return json.loads(path.read_text()), read_jsonl(run_dir / "metrics.jsonl")
 
 
 def eval_curve(records: list[dict]) -> tuple[str, list[dict]]:
@@ -13,27 +39,124 @@ def eval_curve(records: list[dict]) -> tuple[str, list[dict]]:
     return key, [r for r in records if r.get(key) is not None]
 
 
-def plot_run(run_dir: str | Path, out_name: str = "report.png") -> Path:
-    """Write `report.png` in run_dir from its metrics.jsonl."""
+def epoch_fractions(summary: dict, records: list[dict]) -> list[dict]:
+    """Per epoch: kept-sample fraction (the data plan) and changed-weight fraction (the ledger)."""
+    out = []
+    ends = {}
+    for r in records:  # last record of each epoch boundary: records carry the epoch count reached
+        ends[r["epoch"]] = r
+    prev_changed, prev_step = 0, 0
+    for plan in summary.get("epochs", []):
+        e = plan["epoch"]
+        end = ends.get(e + 1)
+        changed_frac = None
+        if end is not None and end.get("energy/num_weights"):
+            steps = end["step"] - prev_step
+            if steps > 0:
+                changed_frac = (end["energy/changed_weights"] - prev_changed) / (steps * end["energy/num_weights"])
+            prev_changed, prev_step = end["energy/changed_weights"], end["step"]
+        out.append({"epoch": e, "kept_fraction": plan.get("kept_fraction"), "changed_fraction": changed_frac})
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def format_table(rows: list[tuple[str, dict]], baseline: Optional[dict] = None) -> str:
+    """Rows of figures as an aligned text table; with a baseline, each figure is followed by its ratio."""
+    cols = [(k, h) for k, h in TABLE if any(r.get(k) is not None for _, r in rows)]
+    header = ["run"] + [h for _, h in cols]
+    lines = []
+    for name, r in rows:
+        cells = [name]
+        for k, _ in cols:
+            cell = _fmt(r.get(k))
+            if baseline is not None and isinstance(r.get(k), (int, float)) and baseline.get(k):
+                cell += f" ({r[k] / baseline[k]:.2f}x)"
+            cells.append(cell)
+        lines.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_run(run_dir: str | Path, out_name: str = "report.png") -> Path:
+    """Eval metric against metabolic energy, samples back-propagated and wall time; per-epoch fractions."""
+    plt = _plt()
     run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     key, evals = eval_curve(read_jsonl(run_dir / "metrics.jsonl"))
     if not evals:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} has no eval records to plot")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for ax, xkey, xlabel in ((axes[0], "energy/metabolic", "metabolic energy  sum |dw|^alpha"),
-                             (axes[1], "data/samples_backward", "samples back-propagated")):
+                             (axes[1], "data/samples_backward", "samples back-propagated"),
+                             (axes[2], "time/wall_s", "wall time (s)")):
         ax.plot([r[xkey] for r in evals], [r[key] for r in evals], marker="o")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
+    fr = epoch_fractions(summary, read_jsonl(run_dir / "metrics.jsonl"))
+    axes[3].plot([f["epoch"] for f in fr], [f["kept_fraction"] for f in fr], marker="o", label="kept samples")
+    axes[3].plot([f["epoch"] for f in fr], [f["changed_fraction"] for f in fr], marker="s", label="changed weights")
+    axes[3].set_xlabel("epoch")
+    axes[3].set_ylabel("fraction")
+    axes[3].set_ylim(0, 1.05)
+    axes[3].legend()
+    axes[3].grid(alpha=0.3)
     fig.suptitle(run_dir.name)
     fig.tight_layout()
     path = run_dir / out_name
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def report(run_dir: str | Path) -> str:
+    """The run's figures and per-epoch fractions as text; also (re)writes report.png."""
+    summary, records = load_run(run_dir)
+    text = format_table([(Path(run_dir).name, summary)])
+    fr = epoch_fractions(summary, records)
+    if fr:
+        text += "\n\nepoch  kept_fraction  changed_fraction\n"
+        text += "\n".join(f"{f['epoch']:<5}  {_fmt(f['kept_fraction']):<13}  {_fmt(f['changed_fraction'])}" for f in fr)
+    plot_run(run_dir)
+    return text
+
+
+def compare(run_dirs: list[str | Path], out: Optional[str | Path] = None) -> str:
+    """Runs side by side with each figure's ratio to the first run (the baseline); writes one plot."""
+    runs = [(Path(d).name, *load_run(d)) for d in run_dirs]
+    baseline = runs[0][1]
+    text = format_table([(name, s) for name, s, _ in runs], baseline=baseline)
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, _, records in runs:
+        key, evals = eval_curve(records)
+        for ax, xkey in ((axes[0], "energy/metabolic"), (axes[1], "data/samples_backward")):
+            ax.plot([r[xkey] for r in evals], [r[key] for r in evals], marker="o", label=name)
+            ax.set_xlabel(xkey)
+            ax.set_ylabel(key)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(out) if out else Path(run_dirs[0]).parent / "compare.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return text + f"\n\nplot: {path}"

@@ -85,6 +85,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return _error(str(err))
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from metabolic.engine.report import RunMissingError, report
+
+    try:
+        print(report(args.run_dir))
+    except (RunMissingError, ValueError) as err:
+        return _error(str(err))
+    print(f"\nplots: {args.run_dir}/report.png")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from metabolic.engine.report import RunMissingError, compare
+
+    try:
+        print(compare(args.run_dirs, out=args.out))
+    except (RunMissingError, ValueError) as err:
+        return _error(str(err))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metabolic", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra sbatch argument, e.g. --sbatch-arg=--account=proj (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command; submit nothing")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("report", help="print a finished run's figures and write its plots (report.png)")
+    p.add_argument("run_dir", help="a run's output_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="several runs side by side, each figure's ratio to the first (baseline)")
+    p.add_argument("run_dirs", nargs="+", help="run folders; the first is the baseline")
+    p.add_argument("--out", default=None, help="plot path (default: compare.png beside the first run)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
