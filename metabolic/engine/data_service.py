@@ -78,16 +78,29 @@ def shard(active: torch.Tensor, weights: torch.Tensor, micro: int, accum: int, w
     order = torch.randperm(n, generator=generator)
     group = micro * accum * world
     steps = -(-n // group)
-    take = order if steps * group == n else order[torch.arange(steps * group) % n]
-    idx = active[take].view(steps, accum, world, micro)
-    w = weights[take].view(steps, accum, world, micro)
-    mine = (slice(None), slice(None), rank)
-    return idx[mine].reshape(-1, micro).contiguous(), w[mine].reshape(-1, micro).contiguous()
+    # Positions of the padded shuffled list that belong to this rank; only those are gathered
+    # (1/world of the random-access work, which dominates planning for large tables).
+    starts = torch.arange(steps * accum, dtype=torch.int64) * (world * micro) + rank * micro
+    pos = (starts[:, None] + torch.arange(micro, dtype=torch.int64)[None, :]).reshape(-1)
+    src = order[pos % n if steps * group > n else pos]
+    # `active` sorted with n == its table size would be arange: then src already is the index.
+    idx = src if _is_arange(active) else active[src]
+    w = torch.full((src.numel(),), float(weights[0])) if _is_constant(weights) else weights[src]
+    return idx.view(-1, micro).contiguous(), w.view(-1, micro).contiguous()
+
+
+def _is_arange(active: torch.Tensor) -> bool:
+    n = active.numel()
+    return bool(active[0] == 0) and bool(active[-1] == n - 1) and bool((active[1:] - active[:-1] == 1).all())
+
+
+def _is_constant(weights: torch.Tensor) -> bool:
+    return bool((weights == weights[0]).all())
 
 
 def active_digest(active: torch.Tensor) -> str:
     """sha1 of the (sorted) int64 active index list."""
-    return hashlib.sha1(active.numpy().tobytes()).hexdigest()
+    return hashlib.sha1(memoryview(active.contiguous().numpy())).hexdigest()
 
 
 Scorer = Callable[[torch.Tensor], "object"]

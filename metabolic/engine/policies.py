@@ -95,7 +95,7 @@ class FullData(_Policy):
 
 def difficulty_keep(table: ScoreTable, tau: float) -> torch.Tensor:
     """DBPD's rule: keep if p(y|x) < tau; tau = 0 (lazy learning) keeps the misclassified. Unscored: kept."""
-    hard = ~table.correct if tau == 0 else table.adjusted_prob() < tau
+    hard = ~table.correct if tau == 0 else table.prob_below(tau)
     return hard | ~table.scored()
 
 
@@ -159,7 +159,7 @@ class InfoBatch(_Policy):
         if not bool(scored.any()):
             return _all(n)
         loss = table.adjusted_loss()
-        mean = loss[scored].double().mean().float()
+        mean = float(torch.where(scored, loss, 0.0).sum(dtype=torch.float64)) / float(scored.sum())
         well_learned = scored & (loss < mean)
         pruned = well_learned & (torch.rand(n, generator=generator) < self.prune_ratio)
         active = (~pruned).nonzero().squeeze(1)
@@ -183,7 +183,11 @@ class PriceThreshold(_Policy):
         return table.adjusted_loss() if self.proxy == "loss" else 1.0 - table.adjusted_prob()
 
     def _select(self, table, epoch, num_epochs, generator):
-        return _mask((self.proxy_values(table) > self.price) | ~table.scored())
+        if self.proxy == "loss":
+            above = table.loss_above(self.price)
+        else:  # 1 - p > price  <=>  p < 1 - price
+            above = table.prob_below(1.0 - self.price)
+        return _mask(above | ~table.scored())
 
     def state_dict(self) -> dict:
         return {"price": self.price}

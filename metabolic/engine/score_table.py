@@ -13,6 +13,8 @@ exponential moving average of the global training loss) at the moment it was rec
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 BYTES_PER_SAMPLE = 4 + 4 + 4 + 1 + 4
@@ -34,8 +36,8 @@ class ScoreTable:
         """Whether the last prediction was correct."""
         self.epoch = torch.full((num_samples,), -1, dtype=torch.int32)
         """Epoch the sample was last scored (-1: never)."""
-        self.level = torch.zeros(num_samples, dtype=torch.float32)
-        """Running loss level at the time the score was recorded."""
+        self.level = torch.ones(num_samples, dtype=torch.float32)
+        """Running loss level at the time the score was recorded (1 for unscored rows, whose loss is 0)."""
         self.level_now = 0.0
         """Current running loss level (0 until the first training step is recorded)."""
         self.relative = relative
@@ -75,15 +77,26 @@ class ScoreTable:
         self.prob[index] = prob.float()
         self.correct[index] = correct.bool()
         self.epoch[index] = epoch.to(torch.int32)
-        self.level[index] = self.level_now if level is None else level
+        self.level[index] = (self.level_now if self.level_now > 0 else 1.0) if level is None else level
 
     # -- views the policies read ------------------------------------------------------------------
     def adjusted_loss(self) -> torch.Tensor:
         """Stored losses rescaled to the current level (raw losses when relative is off)."""
         if not self.relative or self.level_now <= 0.0:
             return self.loss
-        scale = torch.where(self.level > 0, self.level_now / self.level.clamp(min=1e-12), torch.ones_like(self.level))
-        return self.loss * scale
+        return torch.div(self.loss, self.level).mul_(self.level_now)
+
+    def loss_above(self, threshold: float) -> torch.Tensor:
+        """Bool mask: adjusted loss > threshold (no exp over the table)."""
+        return self.adjusted_loss() > threshold
+
+    def prob_below(self, tau: float) -> torch.Tensor:
+        """Bool mask: adjusted p(y|x) < tau, i.e. adjusted loss > -log(tau) (raw prob when relative is off)."""
+        if not self.relative or self.level_now <= 0.0:
+            return self.prob < tau
+        if tau <= 0.0:
+            return torch.zeros(len(self), dtype=torch.bool)
+        return self.loss_above(-math.log(tau)) if tau < 1.0 else self.adjusted_loss() >= 0
 
     def adjusted_prob(self) -> torch.Tensor:
         """p(y|x) consistent with the adjusted loss (exp(-adjusted loss)); raw when relative is off."""
