@@ -120,8 +120,8 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict:
     if t.bf16:
         # BatchNorm needs its running stats in the same dtype as its bf16 weights.
         ds["data_types"] = {"buffer_dtype": "bf16"}
-    if t.grad_clip > 0:
-        ds["gradient_clipping"] = t.grad_clip
+    # Always explicit: without the key DeepSpeed was seen clipping a client optimizer's gradients at 1.0.
+    ds["gradient_clipping"] = float(t.grad_clip)
     return ds
 
 

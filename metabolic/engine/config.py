@@ -171,6 +171,18 @@ class EnergyConfig:
     """Exponent of the metabolic energy sum |dw|^alpha (0 counts changes)."""
     joules: bool = True
     """Read NVML/RAPL energy counters where the hardware exposes them."""
+    controller: bool = False
+    """One price lambda for samples (data.policy=price) and weights (optimizer.select=hard/soft)."""
+    price: float = 0.01
+    """Controller: initial (or, without a budget, fixed) price lambda."""
+    budget: Optional[float] = None
+    """Controller: metabolic energy budget met by dual ascent on lambda (null = fixed price)."""
+    budget_per: str = "run"
+    """Controller: the budget is for the whole run or per epoch."""
+    price_step: float = 0.5
+    """Controller: dual-ascent step size (log lambda moves by step * relative overspend)."""
+    data_scale: float = 1.0
+    """Controller: threshold on the sample proxy (1 - p, or loss) per unit of lambda."""
 
 
 @dataclass
@@ -269,7 +281,17 @@ def validate(cfg: ExperimentConfig) -> None:
            "dense for the plain torch optimizers (use masked_adamw or masked_sgd to select weights)")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", cfg.deepspeed.zero_stage,
            "one of 0, 1, 2, 3")
-    _check(0 <= cfg.energy.alpha <= 1, "energy.alpha", cfg.energy.alpha, "in [0, 1]")
+    e = cfg.energy
+    _check(0 <= e.alpha <= 1, "energy.alpha", e.alpha, "in [0, 1]")
+    _check(e.price >= 0, "energy.price", e.price, ">= 0")
+    _check(e.budget is None or e.budget > 0, "energy.budget", e.budget, "null or > 0")
+    _check(e.budget_per in ("run", "epoch"), "energy.budget_per", e.budget_per, "run or epoch")
+    _check(e.price_step > 0, "energy.price_step", e.price_step, "> 0")
+    _check(e.data_scale > 0, "energy.data_scale", e.data_scale, "> 0")
+    _check(e.budget is None or e.controller, "energy.controller", e.controller, "true when energy.budget is set")
+    priced = cfg.data.policy == "price" or (o.name.startswith("masked") and o.select in ("hard", "soft"))
+    _check(not e.controller or priced, "energy.controller", e.controller,
+           "false unless data.policy=price or optimizer.select=hard/soft (with a masked optimizer) is priced")
 
 
 def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:

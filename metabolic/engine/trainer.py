@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from metabolic.engine import build, checkpoint
+from metabolic.engine.controller import build_controller
 from metabolic.engine.config import ConfigError, ExperimentConfig, to_dict, to_yaml
 from metabolic.engine.data_service import DataService, EpochPlan, epoch_generator
 from metabolic.engine.distributed import DistInfo, init_distributed, shutdown_distributed
@@ -74,6 +75,7 @@ class Trainer:
         self.service = DataService(self.task.num_train, build_policy(cfg.data), cfg.seed, cfg.train.micro_batch_size,
                                    cfg.train.grad_accum, self.info.rank, self.info.world_size, self.info.meta_group,
                                    relative_scores=cfg.data.relative_scores)
+        self.controller = build_controller(cfg, self.optimizer, self.service.policy)
         self.state = LoopState()
         self.metrics = MetricsWriter(self.out, enabled=self.is_main)
         self.history: list[dict] = []  # per-epoch plan figures
@@ -113,6 +115,8 @@ class Trainer:
         self.ledger.load_state_dict(client["ledger"])  # also restores the wall clock offset
         self.ledger.load_initial_weights(initial)
         self.service.load_state_dict(client["service"])
+        if self.controller is not None and client.get("controller"):
+            self.controller.load_state_dict(client["controller"])
         self.history = client["history"]
         self._last = client["last"]
         torch.set_rng_state(client["rng"])
@@ -189,18 +193,25 @@ class Trainer:
         module.train(was_training)
         return scores
 
-    def _set_lr(self, plan: EpochPlan, m: int) -> None:
+    def _progress(self, plan: EpochPlan, m: int) -> float:
+        """Fraction of the run done in [0, 1]: by nominal epochs, or by steps against max_steps."""
         t = self.cfg.train
         progress = (plan.epoch + m / max(plan.num_micro_batches, 1)) / t.epochs
         if t.max_steps:
             progress = max(progress, self.state.step / t.max_steps)
-        lr = build.learning_rate(self.cfg, self.state.step, progress)
+        return progress
+
+    def _set_lr(self, plan: EpochPlan, m: int) -> None:
+        lr = build.learning_rate(self.cfg, self.state.step, self._progress(plan, m))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
     def _after_step(self, plan: EpochPlan) -> bool:
         """Log, evaluate, checkpoint, stop; True when the epoch must end early."""
         t, step = self.cfg.train, self.state.step
+        stop, spent = self._agree()
+        if self.controller is not None:
+            self.controller.update(spent, self._progress(plan, self.state.micro))
         hit_max = t.max_steps is not None and step >= t.max_steps
         if hit_max:
             self.state.done = True
@@ -209,17 +220,20 @@ class Trainer:
             self._log(eval_now=eval_now)
         if hit_max or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0):
             self._checkpoint()
-        if self._stop_agreed():
+        if stop:
             self._checkpoint()
             raise Preempted(f"stop signal at step {step}; checkpoint saved in {checkpoint.checkpoint_root(self.out)}")
         return hit_max
 
-    def _stop_agreed(self) -> bool:
-        """Every rank must agree to stop at the same step, or a rank would hang in a collective."""
-        flag = torch.tensor([1 if self._stop_requested else 0])
+    def _agree(self) -> tuple[bool, float]:
+        """One small all_reduce per step: whether any rank got a stop signal (every rank must stop at
+        the same step, or one would hang in a collective) and the global energy spent so far (the
+        controller's price must be the same on every rank)."""
+        vec = torch.tensor([1.0 if self._stop_requested else 0.0, float(self.ledger.local["metabolic"])],
+                           dtype=torch.float64)
         if self.info.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.info.meta_group)
-        return bool(flag.item())
+            dist.all_reduce(vec, group=self.info.meta_group)
+        return bool(vec[0] > 0), float(vec[1])
 
     # -- outputs ----------------------------------------------------------------------------------
     def _record_plan(self, plan: EpochPlan) -> None:
@@ -236,6 +250,9 @@ class Trainer:
         if self.history:  # the data plan of the epoch these steps trained on
             record["data/kept_fraction"] = self.history[-1]["kept_fraction"]
             record["data/active_hash"] = self.history[-1]["active_hash"]
+        if self.controller is not None:
+            record["energy/price"] = self.controller.price
+            record["energy/data_threshold"] = self.controller.data_threshold
         if eval_now:
             sync_buffers(self.engine.module, self.info.world_size, self.info.meta_group)
             eval_batch = self.cfg.train.eval_batch_size or 2 * self.cfg.train.micro_batch_size
@@ -249,6 +266,7 @@ class Trainer:
     def _checkpoint(self) -> None:
         sync_buffers(self.engine.module, self.info.world_size, self.info.meta_group)
         client = {"loop": asdict(self.state), "ledger": self.ledger.state_dict(), "service": self.service.state_dict(),
+                  "controller": self.controller.state_dict() if self.controller else None,
                   "history": self.history, "last": self._last, "rng": torch.get_rng_state(),
                   "world_size": self.info.world_size, "config": to_dict(self.cfg)}
         checkpoint.save(self.engine, self.out, self.state.step, client, self.ledger.initial_weights(), self.info.rank)

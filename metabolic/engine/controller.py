@@ -1,0 +1,86 @@
+"""One energy price for samples and synapses, tuned by dual ascent to meet an energy budget.
+
+The relaxed problem `min L(w_T) + lambda * M` (DESIGN.md section 1) gives both rules:
+- a weight changes when its candidate update passes the threshold at lambda (the masked
+  optimizer's hard/soft rule reads `param_group["price"]`);
+- a sample is trained on when its gradient-magnitude proxy (1 - p(y|x), or its loss for LMs)
+  exceeds `data_scale * lambda` (the data service's `price` policy reads `policy.price`).
+With AdamW both quantities live on a unit scale (the normalised update |m/sqrt(v)| and
+1 - p are both in about [0, 1]), so data_scale = 1 puts them on the same price.
+
+With a budget B the controller raises lambda when the run spends faster than planned and
+lowers it when slower (multiplicative dual ascent):
+    lambda <- lambda * exp(step * (spent / planned - 1)),   planned = B * F(progress).
+An update's size follows the learning rate, so the plan F spreads B like the schedule does:
+F(p) = p for a constant rate, F(p) = p + sin(pi p) / pi for cosine decay (the integral of
+0.5 (1 + cos(pi x)) over [0, p], normalised); a linear plan would overspend early and be left
+unable to spend late, when the rate is near zero.
+Every rank computes the same lambda from the same globally reduced spend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+MIN_PRICE, MAX_PRICE = 1e-8, 1e3
+
+
+class JointController:
+    """Holds lambda and pushes it to the optimizer's param groups and the data policy."""
+
+    def __init__(self, price: float, budget: Optional[float], step: float, data_scale: float,
+                 optimizer=None, policy=None, schedule: str = "constant") -> None:
+        self.price = max(float(price), MIN_PRICE) if budget is not None else float(price)
+        self.budget, self.step, self.data_scale, self.schedule = budget, step, data_scale, schedule
+        self.optimizer, self.policy = optimizer, policy
+        self.apply()
+
+    @property
+    def data_threshold(self) -> float:
+        """Threshold on the sample proxy at the current price."""
+        return self.data_scale * self.price
+
+    def apply(self) -> None:
+        """Publish lambda: weights see it at their next step, samples at the next epoch plan."""
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["price"] = self.price
+        if self.policy is not None:
+            self.policy.price = self.data_threshold
+
+    def planned_fraction(self, progress: float) -> float:
+        """F(progress): the share of the budget planned to be spent by then."""
+        p = min(max(progress, 0.0), 1.0)
+        return p + math.sin(math.pi * p) / math.pi if self.schedule == "cosine" else p
+
+    def update(self, spent: float, progress: float) -> float:
+        """One dual-ascent step from the global spend so far and the run's progress in [0, 1]."""
+        if self.budget is None or progress <= 0:
+            return self.price
+        planned = self.budget * self.planned_fraction(progress)
+        gap = spent / planned - 1.0
+        self.price = min(max(self.price * math.exp(self.step * max(min(gap, 5.0), -5.0)), MIN_PRICE), MAX_PRICE)
+        self.apply()
+        return self.price
+
+    def state_dict(self) -> dict:
+        return {"price": self.price}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.price = float(state["price"])
+        self.apply()
+
+
+def build_controller(cfg, optimizer, policy) -> Optional[JointController]:
+    """The controller when energy.controller is on; it prices whichever sides are priced by config."""
+    e = cfg.energy
+    if not e.controller:
+        return None
+    weights = optimizer if cfg.optimizer.select in ("hard", "soft") else None
+    data = policy if cfg.data.policy == "price" else None
+    budget = None
+    if e.budget is not None:
+        budget = e.budget * (cfg.train.epochs if e.budget_per == "epoch" else 1)
+    return JointController(e.price, budget, e.price_step, e.data_scale, optimizer=weights, policy=data,
+                           schedule=cfg.train.lr_schedule)
