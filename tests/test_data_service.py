@@ -70,6 +70,20 @@ def test_resume_mid_epoch_gives_the_same_decisions():
     assert torch.equal(resumed.table.loss, full.table.loss) and resumed.table.level_now == full.table.level_now
 
 
+def test_batched_gathers_give_the_same_table_as_per_step_gathers():
+    tables = []
+    for every in (1, 5, 1000):
+        svc = DataService(300, InfoBatch(0.5, 0.875), seed=1, micro_batch=8, grad_accum=1, sync_every=every)
+        for epoch in range(3):
+            _train_epoch(svc, epoch)
+        svc.flush()
+        tables.append(svc.table.state_dict())
+    for t in tables[1:]:
+        assert t["level_now"] == tables[0]["level_now"]
+        assert all(torch.equal(t[k], tables[0][k]) for k in ("loss", "prob", "correct", "epoch", "level"))
+    assert (tables[0]["level"] != tables[0]["level"][0]).any()  # rows carry their step's level
+
+
 def test_refresh_scores_only_stale_samples_and_counts_them():
     svc = DataService(100, DifficultyDropout(0.5), seed=0, micro_batch=10, grad_accum=1)
     trained = torch.arange(0, 100, 4)

@@ -4,7 +4,8 @@ Each epoch a policy (see policies.py) returns the active global indices and thei
 weights from the score table; the service shuffles them with a generator seeded by
 (seed, epoch) and cuts them into EQUAL per-rank shards of whole micro-batches, so every rank
 takes the same number of steps and no rank waits on another's backward. Per-sample scores
-recorded on each rank travel to every rank over a gloo group with int64 indices.
+recorded on each rank travel to every rank over a gloo group with int64 indices, gathered every
+`sync_every` optimizer steps and whenever an epoch is planned or a checkpoint taken.
 
 Before planning an epoch, a policy that asks for it gets the scores of samples that were not
 trained on in the previous epoch refreshed by no-grad forwards, split equally over the ranks
@@ -111,7 +112,8 @@ class DataService:
     """Plans epochs with a policy and keeps the score table in sync across ranks."""
 
     def __init__(self, num_samples: int, policy: DataPolicy, seed: int, micro_batch: int, grad_accum: int,
-                 rank: int = 0, world_size: int = 1, group=None, relative_scores: bool = True) -> None:
+                 rank: int = 0, world_size: int = 1, group=None, relative_scores: bool = True,
+                 sync_every: int = 16) -> None:
         if num_samples > MAX_REPLICATED_SAMPLES:
             raise ValueError(
                 f"data service: {num_samples:,} training samples exceed the replicated score table's limit of "
@@ -122,7 +124,10 @@ class DataService:
         self.policy = policy
         self.seed, self.micro, self.accum = seed, micro_batch, grad_accum
         self.rank, self.world_size, self.group = rank, world_size, group
-        self._pending: list[torch.Tensor] = []
+        self.sync_every = max(1, sync_every)
+        """Optimizer steps of score rows gathered per all-gather (scores are read only when planning)."""
+        self._pending: list[torch.Tensor] = []  # rows of the current step
+        self._steps: list[torch.Tensor] = []  # closed steps not yet gathered
         self._current: Optional[dict] = None  # the planned epoch: epoch, active, weights, hash
 
     # -- planning ---------------------------------------------------------------------------------
@@ -140,6 +145,7 @@ class DataService:
         given) and asks the policy; later calls, and calls after a resume, return the same plan.
         """
         refreshed = 0
+        self.flush()  # collective: every rank plans at the same point
         if self._current is None or self._current["epoch"] != epoch:
             if getattr(self.policy, "refresh", False) and scorer is not None:
                 refreshed = self.refresh(epoch, scorer, refresh_batch)
@@ -195,32 +201,56 @@ class DataService:
         self._pending.append(row)
 
     def sync(self, training: bool = True) -> None:
-        """All-gather buffered scores (equal counts on every rank by construction) into the table.
+        """Close this optimizer step's rows; every `sync_every` steps all-gather them into the table.
 
-        Training rows first move the running loss level by their mean loss (every rank sees the
-        same rows in the same order, so the level is identical everywhere); refresh rows do not.
+        Rows of each step are applied step by step, in rank order, on every rank: the table and the
+        running loss level (moved by each training step's global mean loss) come out bit-identical
+        everywhere and do not depend on how many steps one gather carries. Refresh rows
+        (training=False) are gathered at once and do not move the level.
         """
-        if not self._pending:
+        if self._pending:
+            self._steps.append(torch.cat(self._pending))
+            self._pending = []
+        if not training:
+            refresh = self._steps.pop() if self._steps else None
+            self.flush()
+            if refresh is not None:
+                self._steps.append(refresh)
+                self.flush(training=False)
+        elif len(self._steps) >= self.sync_every:
+            self.flush()
+
+    def flush(self, training: bool = True) -> None:
+        """All-gather every closed step now (equal row counts on every rank by construction)."""
+        if not self._steps:
             return
-        local = torch.cat(self._pending)
-        self._pending = []
+        lengths = [t.shape[0] for t in self._steps]
+        local = torch.cat(self._steps)
+        self._steps = []
+        parts = [local]
         if dist.is_initialized() and self.world_size > 1:
             parts = [torch.empty_like(local) for _ in range(self.world_size)]
             dist.all_gather(parts, local, group=self.group)
-            local = torch.cat(parts)
-        local = local[local[:, 0] >= 0]
-        if local.numel() == 0:
+        start = 0
+        for n in lengths:
+            self._apply(torch.cat([p[start:start + n] for p in parts]), training)
+            start += n
+
+    def _apply(self, rows: torch.Tensor, training: bool) -> None:
+        rows = rows[rows[:, 0] >= 0]
+        if rows.numel() == 0:
             return
-        vals = local[:, 1:].contiguous().view(torch.float32)
+        vals = rows[:, 1:].contiguous().view(torch.float32)
         if training:
             self.table.observe_level(float(vals[:, 0].double().mean()))
-        self.table.update(local[:, 0], loss=vals[:, 0], prob=vals[:, 1], correct=vals[:, 2] > 0.5,
+        self.table.update(rows[:, 0], loss=vals[:, 0], prob=vals[:, 1], correct=vals[:, 2] > 0.5,
                           epoch=vals[:, 3].to(torch.int32))
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         if self._pending:
-            raise RuntimeError("data service: checkpoint with unsynced scores (call sync() first)")
+            raise RuntimeError("data service: checkpoint in the middle of a step (call sync() first)")
+        self.flush()  # collective: checkpoints are taken on every rank at the same step
         cur = None if self._current is None else dict(self._current)
         return {"table": self.table.state_dict(), "policy": self.policy.state_dict(), "plan": cur}
 
@@ -228,4 +258,4 @@ class DataService:
         self.table.load_state_dict(state["table"])
         self.policy.load_state_dict(state["policy"])
         self._current = state.get("plan")
-        self._pending = []
+        self._pending, self._steps = [], []

@@ -62,6 +62,7 @@ def main() -> None:
                 svc.record(idx, loss, (-loss).exp(), loss < 0.7, epoch)
                 if (m + 1) % ACCUM == 0:
                     svc.sync()
+        svc.flush()  # scores are gathered every sync_every steps; read the table after the last gather
         result["policies"][name] = {"plans": plans, "table": table_digest(svc.table)}
 
     # Refresh splits the stale samples equally over the ranks; every stale sample gets scored once.
@@ -87,6 +88,7 @@ def main() -> None:
     mine = torch.tensor([2**24 + 1 + 2 * rank], dtype=torch.int64)  # rank 0: 2^24+1, rank 1: 2^24+3
     svc.record(mine, torch.tensor([1.5 + rank]), torch.tensor([0.25]), torch.tensor([True]), 7)
     svc.sync()
+    svc.flush()
     scored = svc.table.scored().nonzero().squeeze(1)
     result["big"] = {"scored": scored.tolist(), "loss": svc.table.loss[scored].tolist(),
                      "epoch": svc.table.epoch[scored].tolist()}
