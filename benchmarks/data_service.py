@@ -1,0 +1,195 @@
+"""Data-service benchmark: its overhead per training step, and epoch planning for a large table.
+
+    python benchmarks/data_service.py [--steps 60] [--sizes 1000000,10000000] [--json]
+
+1. Overhead at 2 ranks (real gloo processes started with torchrun): the default CNN experiment
+   (configs/fmnist_cnn.yaml, full Fashion-MNIST table) trains `--steps` optimizer steps; per step
+   we time the whole step, the service's share of it (record() of the micro-batch scores and the
+   int64 all-gather in sync(), timed after a barrier so that waiting for a slower rank, which the
+   gradient all-reduce would pay anyway, is not charged to the service), and planning one epoch
+   amortised over the epoch's steps, for each policy. Refresh forwards are not counted as overhead here: they are model compute,
+   reported in data/samples_forward and compute/flops.
+2. Planning time for synthetic tables of `--sizes` samples (policy + sha1 of the active set +
+   shuffle and this rank's shard at 2 ranks, micro-batch 128), with the table's memory.
+
+Timings are never asserted in tests; targets: overhead < 2% of step time, 10 M planning < 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+POLICY_ARGS = {
+    "full": {}, "pdd_difficulty": {"tau": 0.5}, "pdd_random": {"gamma": 0.5}, "pdd_matched": {"tau": 0.5},
+    "infobatch": {"prune_ratio": 0.5, "anneal": 0.875}, "price": {"price": 0.1},
+}
+
+
+def _populated_service(n: int, policy_name: str, world: int, rank: int, micro: int):
+    from omegaconf import OmegaConf
+
+    from metabolic.engine.config import DataConfig
+    from metabolic.engine.data_service import DataService
+    from metabolic.engine.policies import build_policy
+
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
+                                              {"policy": policy_name, **POLICY_ARGS[policy_name]}))
+    svc = DataService(n, build_policy(cfg), seed=0, micro_batch=micro, grad_accum=1, rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    t = svc.table
+    t.loss.copy_(torch.rand(n, generator=g) * 2)
+    t.prob.copy_(torch.exp(-t.loss))
+    t.correct.copy_(t.prob > 0.5)
+    t.epoch.fill_(2)
+    t.level.copy_(1.0 + torch.rand(n, generator=g))
+    t.level_now = 1.0
+    return svc
+
+
+def planning(sizes: list[int], policies: list[str], threads: int = 1) -> list[dict]:
+    """Wall and CPU seconds of plan_epoch on one thread (CPU time is robust on a shared machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    for n in sizes:
+        for name in policies:
+            svc = _populated_service(n, name, world=2, rank=0, micro=128)
+            t0, c0 = time.perf_counter(), time.process_time()
+            plan = svc.plan_epoch(3, 10)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            rows.append({"samples": n, "policy": name, "plan_s": dt, "plan_cpu_s": dc,
+                         "kept_fraction": plan.kept_fraction, "table_MiB": svc.table.nbytes / 2**20})
+            del svc, plan
+    torch.set_num_threads(before)
+    return rows
+
+
+# -- 2-rank overhead worker -----------------------------------------------------------------------
+def worker(out: Path, steps: int, policies: list[str]) -> None:
+    from metabolic.engine.config import load_config
+    from metabolic.engine.data_service import DataService
+    from metabolic.engine.distributed import init_distributed, shutdown_distributed
+    from metabolic.engine.policies import build_policy
+    from metabolic.engine.trainer import Trainer
+
+    info = init_distributed()
+    results = []
+    tmp = Path(tempfile.mkdtemp(prefix="ds_bench_")) if info.rank == 0 else None
+    for name in policies:
+        cfg = load_config(REPO / "configs" / "fmnist_cnn.yaml",
+                          [f"output_dir={out}/run_{name}", "train.progress=false", "energy.joules=false",
+                           f"data.policy={name}", *[f"data.{k}={v}" for k, v in POLICY_ARGS[name].items()]])
+        trainer = Trainer(cfg, info)
+        svc: DataService = trainer.service
+        # A realistic table (every sample scored) so the policy has work to do when planning.
+        populated = _populated_service(svc.table.loss.numel(), name, info.world_size, info.rank, cfg.train.micro_batch_size)
+        svc.table = populated.table
+        svc.policy = build_policy(cfg.data)
+        t0 = time.perf_counter()
+        plan = svc.plan_epoch(3, cfg.train.epochs)
+        plan_s = time.perf_counter() - t0
+        steps_per_epoch = max(plan.num_micro_batches // cfg.train.grad_accum, 1)
+        record_s = [0.0]
+        original = svc.record
+
+        def timed_record(*a, **k):
+            s = time.perf_counter()
+            original(*a, **k)
+            record_s[0] += time.perf_counter() - s
+
+        svc.record = timed_record
+        step_s, sync_s, rec = [], [], []
+        for m in range(min(steps + 5, plan.num_micro_batches)):
+            record_s[0] = 0.0
+            s = time.perf_counter()
+            trainer._train_micro_batch(plan, m)
+            if info.world_size > 1:  # rank skew is the model's, not the service's: absorb it outside the sync
+                torch.distributed.barrier(group=info.meta_group)
+            s1 = time.perf_counter()
+            svc.sync()
+            s2 = time.perf_counter()
+            if m >= 5:  # warm-up steps excluded
+                step_s.append(s2 - s)
+                sync_s.append(s2 - s1)
+                rec.append(record_s[0])
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        step, sync, record = mean(step_s), mean(sync_s), mean(rec)
+        amortised_plan = plan_s / steps_per_epoch
+        results.append({"policy": name, "step_ms": 1e3 * step, "record_ms": 1e3 * record, "sync_ms": 1e3 * sync,
+                        "plan_ms": 1e3 * plan_s, "steps_per_epoch": steps_per_epoch,
+                        "overhead_pct": 100 * (record + sync + amortised_plan) / step})
+        trainer.metrics.close()
+    if info.rank == 0:
+        (out / "overhead.json").write_text(json.dumps(results))
+    shutdown_distributed()
+
+
+def overhead(steps: int, policies: list[str], timeout: float) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="ds_bench_") as d:
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "metabolic" / "torch_extensions"))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(Path(__file__).resolve()), "--worker", d, "--steps", str(steps),
+               "--policies", ",".join(policies)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        if proc.returncode != 0:
+            raise SystemExit(f"2-rank worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads((Path(d) / "overhead.json").read_text())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=60, help="timed optimizer steps per policy at 2 ranks")
+    ap.add_argument("--sizes", default="1000000,10000000", help="table sizes for the planning benchmark")
+    ap.add_argument("--policies", default=",".join(POLICY_ARGS))
+    ap.add_argument("--skip-overhead", action="store_true", help="planning benchmark only")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    policies = args.policies.split(",")
+    if args.worker:
+        worker(Path(args.worker), args.steps, policies)
+        return
+    result = {"torch": torch.__version__, "planning": planning(
+        [int(s) for s in args.sizes.split(",") if s], policies)}
+    if not args.skip_overhead:
+        result["overhead"] = overhead(args.steps, policies, args.timeout)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"Planning one epoch (policy + active-set hash + shuffle + shard at 2 ranks), torch {torch.__version__}, "
+          "1 thread")
+    print(f"{'samples':>11} {'policy':>15} {'wall s':>8} {'cpu s':>8} {'kept':>6} {'table MiB':>10}")
+    for r in result["planning"]:
+        print(f"{r['samples']:>11,} {r['policy']:>15} {r['plan_s']:>8.3f} {r['plan_cpu_s']:>8.3f} "
+              f"{r['kept_fraction']:>6.2f} {r['table_MiB']:>10.1f}")
+    if "overhead" in result:
+        print("\nService overhead per optimizer step, default CNN (configs/fmnist_cnn.yaml), 2 gloo ranks")
+        print(f"{'policy':>15} {'step ms':>8} {'record ms':>9} {'sync ms':>8} {'plan ms':>8} {'steps/ep':>8} "
+              f"{'overhead %':>10}")
+        for r in result["overhead"]:
+            print(f"{r['policy']:>15} {r['step_ms']:>8.1f} {r['record_ms']:>9.3f} {r['sync_ms']:>8.3f} "
+                  f"{r['plan_ms']:>8.1f} {r['steps_per_epoch']:>8} {r['overhead_pct']:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
