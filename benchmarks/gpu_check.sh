@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# GPU check for the masked-sparse optimizer: every GPU-marked test, then the step benchmark.
-# Writes to $OUT (default ./gpu_out). Finishes in under 8 minutes on one H100.
+# GPU check: every GPU-marked test, the optimizer-step benchmark, and the LM throughput of the
+# trainer against plain DeepSpeed on GPT-2 small (bf16, ZeRO-1). Writes to $OUT (default ./gpu_out).
+# Finishes in under 8 minutes on one H100.
+# Packages the GPU image lacks (deepspeed, omegaconf, ...) travel as wheels in .whl/ and the
+# text corpus in .gpudata/shakespeare/ (see the device notes in the README).
 set -uo pipefail
 OUT="${OUT:-./gpu_out}"
 PY="${PYTHON:-python}"
 mkdir -p "$OUT"
 status=0
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d .whl ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
 
 echo "== nvidia-smi" | tee "$OUT/summary.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/summary.txt"
@@ -28,4 +36,11 @@ cat "$OUT/bench_cuda.json" | tee -a "$OUT/summary.txt"
 timeout 60 "$PY" benchmarks/optimizer_step.py --device cuda --params 25000000 \
     > "$OUT/bench_cuda_25m.txt" 2>&1 || status=1
 cat "$OUT/bench_cuda_25m.txt" | tee -a "$OUT/summary.txt"
+
+echo "== LM throughput: GPT-2 small, bf16, ZeRO-1 (metabolic trainer vs plain DeepSpeed)" | tee -a "$OUT/summary.txt"
+corpus=(data.text.corpus=files data.path=.gpudata/shakespeare)
+timeout 300 "$PY" benchmarks/lm_throughput.py --config configs/gpt2_small.yaml --steps 30 --warmup 10 --repeats 2 \
+    --json "${corpus[@]}" > "$OUT/lm_throughput.json" 2> "$OUT/lm_throughput.err" || status=1
+cat "$OUT/lm_throughput.json" | tee -a "$OUT/summary.txt"
+tail -5 "$OUT/lm_throughput.err" >> "$OUT/summary.txt"
 exit $status

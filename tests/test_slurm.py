@@ -160,10 +160,4 @@ def test_preempted_job_requeues_and_resumes(cluster, jobs, tmp_path):
     assert [r["step"] for r in records(out)] == [r["step"] for r in _uninterrupted["records"]]
     got, want = comparable(summary(out)), comparable(_uninterrupted["summary"])
     differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-    if differ and set(differ) <= {"energy/metabolic", "energy/metabolic_ratio"}:
-        # Known trainer bug (engine/trainer.py _checkpoint): the ledger's per-rank partial sums travel in
-        # DeepSpeed's client_state, which only rank 0 writes, so on resume every rank restarts from rank 0's
-        # partial metabolic sum. Weights, accuracy, data figures and M_min already match.
-        pytest.xfail(f"multi-rank resume restores every rank's ledger from rank 0: {differ} differ "
-                     f"({got.get('energy/metabolic')} vs {want.get('energy/metabolic')})")
     assert got == want, differ

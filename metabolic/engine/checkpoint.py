@@ -1,8 +1,9 @@
 """Checkpoint and resume through DeepSpeed, with the run's own state in the client state.
 
 DeepSpeed saves model, optimizer (each rank's partition) and LR state; the client state holds
-the loop position, the ledger and the data service (identical on every rank, written once).
-Each rank's initial weights (for M_min) are its own partition, so each rank writes its file.
+the loop position, the data plan and scores, the controller (identical on every rank; DeepSpeed
+writes it from rank 0 only). What differs by rank - the ledger's partial sums, its initial
+weights for M_min (its own partition) and the RNG - goes in a file each rank writes itself.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ def latest_tag(output_dir: Path) -> Optional[str]:
     return tag if (checkpoint_root(output_dir) / tag).is_dir() else None
 
 
-def save(engine, output_dir: Path, step: int, client_state: dict, initial_weights: list[torch.Tensor],
-         rank: int, keep: int = 2) -> str:
-    """Save a checkpoint tagged by step; keep the newest `keep` checkpoints."""
+def save(engine, output_dir: Path, step: int, client_state: dict, rank_state: dict, rank: int, keep: int = 2) -> str:
+    """Save a checkpoint tagged by step (shared state in DeepSpeed's client state, this rank's own
+    in rank_state_rank{rank}.pt); keep the newest `keep` checkpoints."""
     root = checkpoint_root(output_dir)
     tag = f"step_{step:09d}"
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
-    torch.save(initial_weights, root / tag / f"initial_weights_rank{rank}.pt")
+    torch.save(rank_state, root / tag / f"rank_state_rank{rank}.pt")
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -46,15 +47,15 @@ def save(engine, output_dir: Path, step: int, client_state: dict, initial_weight
     return tag
 
 
-def load(engine, output_dir: Path, rank: int) -> tuple[Optional[dict], Optional[list[torch.Tensor]]]:
-    """Load the latest checkpoint; returns (client_state, this rank's initial weights) or (None, None)."""
+def load(engine, output_dir: Path, rank: int) -> tuple[Optional[dict], Optional[dict]]:
+    """Load the latest checkpoint; returns (client_state, this rank's state) or (None, None)."""
     tag = latest_tag(output_dir)
     if tag is None:
         return None, None
     root = checkpoint_root(output_dir)
     _, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
-    init_path = root / tag / f"initial_weights_rank{rank}.pt"
-    if not init_path.is_file():
-        raise FileNotFoundError(f"checkpoint {root / tag} has no {init_path.name}: resume with the same world size")
-    return client_state, torch.load(init_path, weights_only=True)
+    path = root / tag / f"rank_state_rank{rank}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {root / tag} has no {path.name}: resume with the same world size")
+    return client_state, torch.load(path, weights_only=True)

@@ -114,9 +114,16 @@ class EnergyLedger:
             return
         for p, before in self._snapshots:
             dw = self._chunk(p).float() - before.float()
-            self.local["metabolic"] += energy_of(dw, self.alpha)
-            self.local["changed"] += (dw != 0).sum().to(torch.float64)
+            self._accumulate("metabolic", energy_of(dw, self.alpha))
+            self._accumulate("changed", (dw != 0).sum().to(torch.float64))
         self._snapshots = []
+
+    def _accumulate(self, key: str, value: torch.Tensor) -> None:
+        # Accumulate on the weights' device: no host sync per step (the sum is read once per interval).
+        acc = self.local[key]
+        if acc.device != value.device:
+            acc = acc.to(value.device)
+        self.local[key] = acc + value
 
     def metabolic_min_local(self) -> float:
         """This rank's share of M_min = sum |w_T - w_0|^alpha."""

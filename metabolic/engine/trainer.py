@@ -103,7 +103,7 @@ class Trainer:
         self.ledger.start_clock()
 
     def _restore(self) -> None:
-        client, initial = checkpoint.load(self.engine, self.out, self.info.rank)
+        client, own = checkpoint.load(self.engine, self.out, self.info.rank)
         if client is None:
             if self.is_main:
                 print(f"[metabolic] resume=true but no checkpoint in {self.out}; starting fresh", file=sys.stderr)
@@ -112,14 +112,14 @@ class Trainer:
             raise ConfigError(f"resume: checkpoint was written by {client['world_size']} ranks, this run has "
                               f"{self.info.world_size} (dist/world_size must match)")
         self.state = LoopState(**client["loop"])
-        self.ledger.load_state_dict(client["ledger"])  # also restores the wall clock offset
-        self.ledger.load_initial_weights(initial)
+        self.ledger.load_state_dict(own["ledger"])  # this rank's partial sums and wall clock
+        self.ledger.load_initial_weights(own["initial_weights"])
         self.service.load_state_dict(client["service"])
         if self.controller is not None and client.get("controller"):
             self.controller.load_state_dict(client["controller"])
         self.history = client["history"]
         self._last = client["last"]
-        torch.set_rng_state(client["rng"])
+        torch.set_rng_state(own["rng"])
         if self.is_main:
             truncate_after(self.out / "metrics.jsonl", self.state.step)
             print(f"[metabolic] resumed from step {self.state.step} (epoch {self.state.epoch})", file=sys.stderr)
@@ -265,11 +265,13 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         sync_buffers(self.engine.module, self.info.world_size, self.info.meta_group)
-        client = {"loop": asdict(self.state), "ledger": self.ledger.state_dict(), "service": self.service.state_dict(),
+        client = {"loop": asdict(self.state), "service": self.service.state_dict(),
                   "controller": self.controller.state_dict() if self.controller else None,
-                  "history": self.history, "last": self._last, "rng": torch.get_rng_state(),
+                  "history": self.history, "last": self._last,
                   "world_size": self.info.world_size, "config": to_dict(self.cfg)}
-        checkpoint.save(self.engine, self.out, self.state.step, client, self.ledger.initial_weights(), self.info.rank)
+        own = {"ledger": self.ledger.state_dict(), "initial_weights": self.ledger.initial_weights(),
+               "rng": torch.get_rng_state()}
+        checkpoint.save(self.engine, self.out, self.state.step, client, own, self.info.rank)
 
     def _finish(self) -> dict:
         last = self._last.get("record") or self._log(eval_now=True)
