@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_cases import make_case
 
 from metabolic.kernels.fallback import fallback_step
 from metabolic.kernels.reference import reference_step
@@ -18,21 +19,6 @@ from metabolic.kernels.spec import StepSpec
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ["dense", "topk", "hard", "soft", "random", "block"]
 CASES = list(itertools.product(["adamw", "sgd"], RULES, [0.0, 1.0], [False, True]))
-
-
-def make_case(kind, residual, n, seed=0, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    p = torch.randn(n, generator=gen)
-    g = torch.randn(n, generator=gen)
-    state = {}
-    if kind == "adamw":
-        state["exp_avg"] = 0.01 * torch.randn(n, generator=gen)
-        state["exp_avg_sq"] = 1e-4 * torch.rand(n, generator=gen)
-    else:
-        state["momentum_buffer"] = 0.1 * torch.randn(n, generator=gen)
-    if residual:
-        state["residual"] = 1e-4 * torch.randn(n, generator=gen)
-    return p.to(device), g.to(device), {k: v.to(device) for k, v in state.items()}
 
 
 def make_spec(kind, rule, alpha, residual, **kw):

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import kernel_cases
 import torch
 
 from metabolic.kernels.reference import reference_step
@@ -13,18 +14,7 @@ N = 50_000
 
 
 def make_case(kind: str, residual: bool, n: int = N, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    p = torch.randn(n, generator=gen)
-    g = torch.randn(n, generator=gen)
-    state = {}
-    if kind == "adamw":
-        state["exp_avg"] = 0.01 * torch.randn(n, generator=gen)
-        state["exp_avg_sq"] = 1e-4 * torch.rand(n, generator=gen)
-    else:
-        state["momentum_buffer"] = 0.1 * torch.randn(n, generator=gen)
-    if residual:
-        state["residual"] = 1e-4 * torch.randn(n, generator=gen)
-    return p, g, state
+    return kernel_cases.make_case(kind, residual, n, seed)
 
 
 def spec_for(kind: str, rule: str, alpha: float = 1.0, residual: bool = False, **kw) -> StepSpec:

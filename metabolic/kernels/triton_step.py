@@ -45,6 +45,24 @@ def _fmix32(h):
 
 
 @triton.jit
+def _load_state(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, offs, mask, KIND: tl.constexpr, HAS_MOM: tl.constexpr,
+                RESIDUAL: tl.constexpr):
+    # Unused state slots alias p: the constexpr flags remove their loads and uses at compile time.
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = p
+    v = p
+    r = p
+    if HAS_MOM:
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    if KIND == 0:
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    if RESIDUAL:
+        r = tl.load(r_ptr + offs, mask=mask, other=0.0)
+    return p, g, m, v, r
+
+
+@triton.jit
 def _candidate(p, g, m, v, r, lr, wd, c1, c2, c3, eps, step_size, bc2_sqrt, mom_a, mom_b, mom,
                KIND: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
                RESIDUAL: tl.constexpr):
@@ -85,17 +103,7 @@ def _masked_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, pbf_ptr, thr_ptr, kee
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = p
-    v = p
-    r = p
-    if HAS_MOM:
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    if KIND == 0:
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    if RESIDUAL:
-        r = tl.load(r_ptr + offs, mask=mask, other=0.0)
+    p, g, m, v, r = _load_state(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, offs, mask, KIND, HAS_MOM, RESIDUAL)
     u, eta, m_new, v_new = _candidate(p, g, m, v, r, lr, wd, c1, c2, c3, eps, step_size,
                                       bc2_sqrt, mom_a, mom_b, mom, KIND, HAS_MOM, NESTEROV,
                                       RESIDUAL)
@@ -151,17 +159,7 @@ def _block_sq_kernel(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, out_ptr, n, block_size,
         within = s + tl.arange(0, CHUNK)
         offs = b * block_size + within
         mask = (within < block_size) & (offs < n)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = p
-        v = p
-        r = p
-        if HAS_MOM:
-            m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-        if KIND == 0:
-            v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        if RESIDUAL:
-            r = tl.load(r_ptr + offs, mask=mask, other=0.0)
+        p, g, m, v, r = _load_state(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, offs, mask, KIND, HAS_MOM, RESIDUAL)
         u, eta, m_new, v_new = _candidate(p, g, m, v, r, lr, wd, c1, c2, c3, eps, step_size,
                                           bc2_sqrt, mom_a, mom_b, mom, KIND, HAS_MOM,
                                           NESTEROV, RESIDUAL)

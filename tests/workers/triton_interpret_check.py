@@ -14,6 +14,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import kernel_cases  # noqa: E402
+
 from metabolic.kernels.reference import reference_step  # noqa: E402
 from metabolic.kernels.spec import StepSpec  # noqa: E402
 from metabolic.kernels.triton_step import triton_step  # noqa: E402
@@ -22,18 +25,7 @@ N = 20_003  # not a multiple of BLOCK or block_size: exercises the masked tail
 
 
 def make_case(kind, residual, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    p = torch.randn(N, generator=gen)
-    g = torch.randn(N, generator=gen)
-    state = {}
-    if kind == "adamw":
-        state["exp_avg"] = 0.01 * torch.randn(N, generator=gen)
-        state["exp_avg_sq"] = 1e-4 * torch.rand(N, generator=gen)
-    else:
-        state["momentum_buffer"] = 0.1 * torch.randn(N, generator=gen)
-    if residual:
-        state["residual"] = 1e-4 * torch.randn(N, generator=gen)
-    return p, g, state
+    return kernel_cases.make_case(kind, residual, N, seed)
 
 
 def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
