@@ -193,11 +193,12 @@ class DataService:
                correct: torch.Tensor, epoch: int) -> None:
         """Buffer this rank's per-sample scores; `sync` publishes them to every rank.
         Rows with a negative index are padding: sent (equal counts) but not written."""
-        vals = torch.stack([losses.detach().float().cpu(), probs.detach().float().cpu(),
-                            correct.detach().float().cpu(), torch.full_like(losses, float(epoch)).float().cpu()],
-                           dim=1)
+        # Rows stay on the scores' device until the gather: no host sync per micro-batch on GPUs.
+        vals = torch.stack([losses.detach().float(), probs.detach().float(), correct.detach().float(),
+                            torch.full_like(losses, float(epoch), dtype=torch.float32)], dim=1)
         # Pack as int64 rows [index, (loss, prob), (correct, epoch)] so indices stay exact above 2^24.
-        row = torch.cat([indices.cpu().to(torch.int64)[:, None], vals.contiguous().view(torch.int64)], dim=1)
+        idx = indices.to(device=vals.device, dtype=torch.int64, non_blocking=True)
+        row = torch.cat([idx[:, None], vals.contiguous().view(torch.int64)], dim=1)
         self._pending.append(row)
 
     def sync(self, training: bool = True) -> None:
@@ -225,7 +226,7 @@ class DataService:
         if not self._steps:
             return
         lengths = [t.shape[0] for t in self._steps]
-        local = torch.cat(self._steps)
+        local = torch.cat(self._steps).cpu()
         self._steps = []
         parts = [local]
         if dist.is_initialized() and self.world_size > 1:

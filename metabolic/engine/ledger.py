@@ -143,9 +143,9 @@ class EnergyLedger:
         self.local["tokens"] += tokens
         self.local["flops"] += flops
 
-    def add_loss(self, loss_sum: float, count: int) -> None:
-        """Accumulate training loss for the interval mean (reset by `reduce`)."""
-        self.local["loss_sum"] += loss_sum
+    def add_loss(self, loss_sum: torch.Tensor, count: int) -> None:
+        """Accumulate training loss for the interval mean (reset by `reduce`); stays on device."""
+        self.local["loss_sum"] = self.local["loss_sum"] + loss_sum.double()
         self.local["loss_count"] += count
 
     def start_clock(self) -> None:

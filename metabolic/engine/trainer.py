@@ -179,7 +179,7 @@ class Trainer:
         n = idx.numel()
         self.ledger.add_samples(forward=n, backward=n, tokens=self.task.tokens(idx),
                                 flops=3.0 * self.flops_per_sample * n)
-        self.ledger.add_loss(float(scores.loss.detach().sum()), n)
+        self.ledger.add_loss(scores.loss.detach().sum(), n)
         self.service.record(idx, scores.loss, scores.prob, scores.correct, plan.epoch)
 
     @torch.no_grad()
@@ -229,8 +229,9 @@ class Trainer:
         """One small all_reduce per step: whether any rank got a stop signal (every rank must stop at
         the same step, or one would hang in a collective) and the global energy spent so far (the
         controller's price must be the same on every rank)."""
-        vec = torch.tensor([1.0 if self._stop_requested else 0.0, float(self.ledger.local["metabolic"])],
-                           dtype=torch.float64)
+        # The spend is read (a host sync on GPUs) only when a controller needs it.
+        spent = float(self.ledger.local["metabolic"]) if self.controller is not None else 0.0
+        vec = torch.tensor([1.0 if self._stop_requested else 0.0, spent], dtype=torch.float64)
         if self.info.world_size > 1:
             dist.all_reduce(vec, group=self.info.meta_group)
         return bool(vec[0] > 0), float(vec[1])

@@ -1,0 +1,81 @@
+"""Sweep of the masked optimizer's weight-selection rules against dense AdamW on one experiment.
+
+topk at fractions 0.5, 0.2, 0.1, 0.05, 0.01; random at 0.1; hard and soft thresholds at three
+prices; each without and with the residual. Prints test accuracy, energy/metabolic and
+energy/changed_weights with ratios to dense (same process, same seed, same nominal epochs).
+
+    python benchmarks/weight_sweep.py                                   # default experiment
+    python benchmarks/weight_sweep.py --json data.limit=8192 train.epochs=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from science import run_method  # noqa: E402
+
+MASKED = ["optimizer.name=masked_adamw"]
+PRICES = {"hard": (1e-7, 1e-6, 1e-5), "soft": (1e-4, 1e-3, 1e-2)}
+
+
+def settings(residuals: list[bool]) -> list[tuple[str, list[str]]]:
+    out = [("dense", [])]
+    for res in residuals:
+        tag = "+res" if res else ""
+        flag = [f"optimizer.residual={str(res).lower()}"]
+        for f in (0.5, 0.2, 0.1, 0.05, 0.01):
+            out.append((f"topk {f}{tag}", MASKED + flag + ["optimizer.select=topk", f"optimizer.fraction={f}"]))
+        out.append((f"random 0.1{tag}", MASKED + flag + ["optimizer.select=random", "optimizer.fraction=0.1"]))
+        for rule, prices in PRICES.items():
+            for p in prices:
+                out.append((f"{rule} {p:g}{tag}", MASKED + flag + [f"optimizer.select={rule}", f"optimizer.price={p}"]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "fmnist_cnn.yaml"))
+    parser.add_argument("--no-residual", action="store_true", help="skip the residual variants")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    from metabolic.engine.distributed import init_distributed, shutdown_distributed
+
+    info = init_distributed()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, extra) in enumerate(settings([False] if args.no_residual else [False, True])):
+            s = run_method(info, Path(args.config), list(args.overrides) + extra, Path(tmp) / f"run{i}")
+            rows.append({"setting": name, "eval/accuracy": s.get("eval/accuracy"), "eval/loss": s.get("eval/loss"),
+                         "energy/metabolic": s["energy/metabolic"], "energy/changed_weights": s["energy/changed_weights"],
+                         "energy/metabolic_min": s["energy/metabolic_min"]})
+            if info.rank == 0:
+                print(f"[sweep] {name}: {rows[-1]}", file=sys.stderr, flush=True)
+    dense = rows[0]
+    for r in rows:
+        r["energy_saving"] = dense["energy/metabolic"] / r["energy/metabolic"]
+        r["changed_saving"] = dense["energy/changed_weights"] / max(r["energy/changed_weights"], 1)
+        if r["eval/accuracy"] is not None:
+            r["accuracy_delta_points"] = 100 * (r["eval/accuracy"] - dense["eval/accuracy"])
+    if info.rank == 0:
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            print(f"{'setting':<18}{'accuracy':>10}{'d points':>10}{'M':>12}{'M saving':>10}{'changed saving':>16}")
+            for r in rows:
+                print(f"{r['setting']:<18}{r['eval/accuracy'] or float('nan'):>10.4f}"
+                      f"{r.get('accuracy_delta_points', float('nan')):>10.2f}{r['energy/metabolic']:>12.4g}"
+                      f"{r['energy_saving']:>9.1f}x{r['changed_saving']:>15.1f}x")
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

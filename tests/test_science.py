@@ -1,0 +1,34 @@
+"""The science benchmark's quick mode runs end to end and its table keeps its contract."""
+
+import json
+import sys
+
+import pytest
+
+from helpers import REPO, ok, run
+
+METHODS = ["dense", "pdd_difficulty", "pdd_random", "infobatch", "topk", "random_weights", "joint_low",
+           "joint_high", "dense_matched"]
+
+
+@pytest.mark.slow
+def test_quick_science_benchmark(tmp_path, fmnist):
+    proc = ok(run([sys.executable, str(REPO / "benchmarks" / "science.py"), "--quick", "--json",
+                   "--out", str(tmp_path)], timeout=1500))
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    for task, metric in (("fmnist", "eval/accuracy"), ("lm_tiny", "eval/loss")):
+        by = {r["method"]: r for r in rows if r["task"] == task}
+        assert list(by) == METHODS
+        assert all(r["energy/metabolic"] >= r["energy/metabolic_min"] > 0 for r in by.values())
+        assert all(r[metric] is not None for r in by.values())
+        assert by["dense"]["ratio/energy/metabolic"] == 1.0
+        # The fair baseline takes as many optimizer steps as the low-budget joint run.
+        assert by["dense_matched"]["step"] == by["joint_low"]["step"]
+        # A 10% mask changes about a tenth of the weights per step; data policies never back-propagate more.
+        for m in ("topk", "random_weights"):
+            ratio = by[m]["energy/changed_weights"] / by["dense"]["energy/changed_weights"]
+            assert 0.05 < ratio < 0.15, (m, ratio)
+        for m in ("pdd_difficulty", "pdd_random", "infobatch"):
+            assert by[m]["data/samples_backward"] <= by["dense"]["data/samples_backward"]
+        # The controller spends less at the lower budget.
+        assert by["joint_low"]["energy/metabolic"] < by["joint_high"]["energy/metabolic"] < by["dense"]["energy/metabolic"]
