@@ -40,11 +40,11 @@ JOINT = ["optimizer.name=masked_adamw", "optimizer.select=soft", "data.policy=pr
 TASKS = {
     "fmnist": {"config": REPO / "configs" / "fmnist_cnn.yaml", "metric": "eval/accuracy",
                "joint": ["energy.data_scale=100"],
-               "quick": ["data.limit=2048", "data.eval_limit=1000", "train.epochs=2", "model.width=8",
+               "quick": ["data.limit=1024", "data.eval_limit=500", "train.epochs=2", "model.width=8",
                          "train.micro_batch_size=64", "train.log_every=8", "train.warmup_steps=8"]},
     "lm_tiny": {"config": REPO / "configs" / "lm_tiny.yaml", "metric": "eval/loss", "joint": ["energy.data_scale=1"],
                 "quick": ["data.text.corpus=files", "data.text.tokenizer=byte", "data.text.seq_len=64",
-                          "model.width=32", "model.depth=2", "model.heads=2", "data.limit=512",
+                          "model.width=32", "model.depth=2", "model.heads=2", "data.limit=256",
                           "data.eval_limit=64", "train.epochs=2", "train.micro_batch_size=16",
                           "train.eval_batch_size=16", "train.log_every=8", "train.warmup_steps=8"]},
 }

@@ -12,6 +12,7 @@ METHODS = ["dense", "pdd_difficulty", "pdd_random", "infobatch", "topk", "random
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_quick_science_benchmark(tmp_path, fmnist):
     proc = ok(run([sys.executable, str(REPO / "benchmarks" / "science.py"), "--quick", "--json",
                    "--out", str(tmp_path)], timeout=1500))
