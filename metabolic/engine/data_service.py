@@ -32,7 +32,7 @@ from metabolic.engine.policies import DataPolicy
 from metabolic.engine.score_table import BYTES_PER_SAMPLE, ScoreTable
 
 MAX_REPLICATED_SAMPLES = 200_000_000
-"""Largest table replicated on every rank (3.4 GB table, ~40 s to plan an epoch on one core)."""
+"""Largest table replicated on every rank (3.2 GiB table, ~10-20 s to plan an epoch on one core)."""
 
 
 @dataclass
