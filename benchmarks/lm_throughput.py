@@ -8,7 +8,7 @@ agreement and logging. The plain loop is forward, mean loss, backward, step. Run
 metabolic / plain tokens/s (target >= 0.95).
 
     python benchmarks/lm_throughput.py                      # lm_tiny on CPU
-    python benchmarks/lm_throughput.py --json --steps 20 model.depth=2
+    python benchmarks/lm_throughput.py --json --steps 40 train.log_every=20 model.depth=2
     torchrun --nproc_per_node 2 benchmarks/lm_throughput.py deepspeed.zero_stage=2
 """
 
@@ -71,7 +71,10 @@ def metabolic_trainer(cfg, info, steps: int, warmup: int) -> float:
             out = Path(obj[0])
         cfg.output_dir = str(out)
         cfg.train.max_steps = warmup + steps
-        cfg.train.log_every = warmup
+        # Records at `warmup` and `warmup + steps` bound the timed window; logging in between runs at
+        # the experiment's own interval (main() makes both multiples of it), as in real training.
+        if warmup % cfg.train.log_every or steps % cfg.train.log_every:
+            raise SystemExit(f"--warmup and --steps must be multiples of train.log_every={cfg.train.log_every}")
         cfg.train.progress = False
         Trainer(cfg, info).run()
         _sync(info)
@@ -94,8 +97,10 @@ def _sync(info) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "lm_tiny.yaml"))
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed optimizer steps per run (default 2 x train.log_every; a multiple of it)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps before timing (default train.log_every; a multiple of it)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each loop")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
@@ -107,6 +112,8 @@ def main() -> None:
 
     info = init_distributed()
     base = load_config(args.config, list(args.overrides) + ["data.policy=full", "optimizer.name=adamw"])
+    args.warmup = args.warmup or base.train.log_every
+    args.steps = args.steps or 2 * base.train.log_every
     with tempfile.TemporaryDirectory() as tok_dir:
         task = build.build_task(base, info.device, Path(tok_dir), info.rank == 0,
                                 lambda: torch.distributed.barrier(group=info.meta_group))
