@@ -84,7 +84,6 @@ def worker(out: Path, steps: int, policies: list[str]) -> None:
 
     info = init_distributed()
     results = []
-    tmp = Path(tempfile.mkdtemp(prefix="ds_bench_")) if info.rank == 0 else None
     for name in policies:
         cfg = load_config(REPO / "configs" / "fmnist_cnn.yaml",
                           [f"output_dir={out}/run_{name}", "train.progress=false", "energy.joules=false",

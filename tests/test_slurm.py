@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import CONFIG, REPO, comparable, env, ok, records, run, summary, torchrun
+from helpers import CONFIG, REPO, comparable, env, ok, records, summary, torchrun
 
 pytestmark = pytest.mark.slurm
 

@@ -1,7 +1,6 @@
 """End-to-end runs of the real CLI: outputs and metric contract, 2 gloo ranks, resume equality."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
