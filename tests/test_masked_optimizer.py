@@ -19,18 +19,24 @@ def set_grads(ps, step):
         p.grad = torch.randn(p.shape, generator=gen)
 
 
+def step_together(opt, ref, a, b, steps: int = 6, check_every_step: bool = False) -> None:
+    """Step both optimizers on the same gradients; their parameters must agree to 1e-6."""
+    for step in range(steps):
+        set_grads(a, step)
+        set_grads(b, step)
+        opt.step()
+        ref.step()
+        if check_every_step or step == steps - 1:
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_dense_adamw_matches_torch_adamw(backend):
     a, b = params(), params()
     opt = MaskedAdamW(a, lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1, backend=backend)
     ref = torch.optim.AdamW(b, lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1)
-    for step in range(6):
-        set_grads(a, step)
-        set_grads(b, step)
-        opt.step()
-        ref.step()
-        for x, y in zip(a, b):
-            torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+    step_together(opt, ref, a, b, check_every_step=True)
     assert opt.last_energy["fraction"] == 1.0
 
 
@@ -39,13 +45,7 @@ def test_dense_sgd_matches_torch_sgd(nesterov, dampening):
     a, b = params(), params()
     kw = dict(lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=nesterov, dampening=dampening)
     opt, ref = MaskedSGD(a, **kw), torch.optim.SGD(b, **kw)
-    for step in range(6):
-        set_grads(a, step)
-        set_grads(b, step)
-        opt.step()
-        ref.step()
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+    step_together(opt, ref, a, b)
 
 
 def test_plain_sgd_without_momentum_has_no_buffer():
