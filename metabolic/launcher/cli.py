@@ -37,9 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary and not args.quiet:
         keys = ("step", "eval/accuracy", "eval/loss", "eval/perplexity", "energy/metabolic", "energy/metabolic_min",
                 "energy/changed_weights", "data/effective_epochs", "time/wall_s")
-        import torch.distributed  # noqa: F401  (rank is known only through the env once the group is gone)
-        import os
-
+        # The process group is gone by now; the launcher's RANK says which process prints.
         if os.environ.get("RANK", "0") == "0":
             print(" ".join(f"{k}={summary[k]:.6g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
                            for k in keys if summary.get(k) is not None))
