@@ -39,10 +39,30 @@ def settings(residuals: list[bool]) -> list[tuple[str, list[str]]]:
     return out
 
 
+def parse_setting(name: str) -> tuple[str, list[str]]:
+    """'topk 0.1+res' -> overrides; any rule and value, not only the sweep's grid."""
+    rule, _, value = name.strip().partition(" ")
+    res = value.endswith("+res")
+    value = value.removesuffix("+res")
+    if rule == "dense":
+        return "dense", []
+    key = "optimizer.fraction" if rule in ("topk", "random", "block") else "optimizer.price"
+    flags = MASKED + [f"optimizer.residual={str(res).lower()}", f"optimizer.select={rule}", f"{key}={value}"]
+    return name.strip(), flags
+
+
+def chosen(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    if args.only:
+        return [("dense", [])] + [parse_setting(n) for n in args.only.split(",")]
+    return settings([False] if args.no_residual else [False, True])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "fmnist_cnn.yaml"))
     parser.add_argument("--no-residual", action="store_true", help="skip the residual variants")
+    parser.add_argument("--only", default=None,
+                        help="comma list of extra settings to run after dense, e.g. 'topk 0.1+res,hard 3e-07'")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -52,7 +72,7 @@ def main() -> None:
     info = init_distributed()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, extra) in enumerate(settings([False] if args.no_residual else [False, True])):
+        for i, (name, extra) in enumerate(chosen(args)):
             s = run_method(info, Path(args.config), list(args.overrides) + extra, Path(tmp) / f"run{i}")
             rows.append({"setting": name, "eval/accuracy": s.get("eval/accuracy"), "eval/loss": s.get("eval/loss"),
                          "energy/metabolic": s["energy/metabolic"], "energy/changed_weights": s["energy/changed_weights"],

@@ -28,10 +28,11 @@ _FIELDS = ("metabolic", "changed", "metabolic_min", "samples_forward", "samples_
 
 def energy_of(dw: torch.Tensor, alpha: float) -> torch.Tensor:
     """sum |dw|^alpha in float64, with 0^alpha = 0 (unchanged weights cost nothing, also at alpha=0)."""
+    # One reduction pass each, no |dw| or mask temporaries (these run on every step's full partition).
     if alpha == 1.0:
-        return dw.abs().sum(dtype=torch.float64)
+        return torch.linalg.vector_norm(dw, ord=1, dtype=torch.float64)
     if alpha == 0.0:
-        return (dw != 0).sum().to(torch.float64)
+        return torch.count_nonzero(dw).to(torch.float64)
     return dw.abs().pow(alpha).sum(dtype=torch.float64)
 
 
@@ -92,7 +93,7 @@ class EnergyLedger:
                 yield p
 
     def _measure_from_optimizer(self, optimizer) -> bool:
-        return self.use_optimizer_energy and hasattr(optimizer, "last_energy") and not self.replicated
+        return self.use_optimizer_energy and hasattr(optimizer, "last_energy_tensors") and not self.replicated
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if self.replicated is None:
@@ -108,14 +109,18 @@ class EnergyLedger:
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         if self._measure_from_optimizer(optimizer):
-            e = optimizer.last_energy
-            self.local["metabolic"] += float(e["metabolic"])
-            self.local["changed"] += float(e["changed"])
+            metabolic, changed = optimizer.last_energy_tensors  # device tensors: no host sync
+            self._accumulate("metabolic", metabolic)
+            self._accumulate("changed", changed.to(torch.float64))
             return
         for p, before in self._snapshots:
-            dw = self._chunk(p).float() - before.float()
+            after = self._chunk(p)
+            if before.dtype == torch.float32 and after.dtype == torch.float32:
+                dw = torch.sub(after, before, out=before)  # the snapshot is spent: reuse its memory
+            else:
+                dw = after.float() - before.float()
             self._accumulate("metabolic", energy_of(dw, self.alpha))
-            self._accumulate("changed", (dw != 0).sum().to(torch.float64))
+            self._accumulate("changed", torch.count_nonzero(dw).to(torch.float64))
         self._snapshots = []
 
     def _accumulate(self, key: str, value: torch.Tensor) -> None:

@@ -75,7 +75,21 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"seed must be an int, got {seed!r}")
         super().__init__(params, defaults)
         self._bf16_copies: dict[torch.Tensor, torch.Tensor] = {}
-        self.last_energy: dict = {"metabolic": 0.0, "changed": 0, "numel": 0, "fraction": 0.0}
+        # The step's totals stay on the device until someone reads last_energy: the engine's ledger
+        # accumulates the tensors (last_energy_tensors), so a GPU step needs no host sync.
+        self.last_energy_tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last_numel = 0
+        self._last_dict: dict | None = {"metabolic": 0.0, "changed": 0, "numel": 0, "fraction": 0.0}
+
+    @property
+    def last_energy(self) -> dict:
+        """This rank's {"metabolic": float, "changed": int, "numel", "fraction"} of the last step."""
+        if self._last_dict is None:
+            e, c = self.last_energy_tensors
+            metabolic, changed, numel = float(e), int(c), self._last_numel
+            self._last_dict = {"metabolic": metabolic, "changed": changed, "numel": numel,
+                               "fraction": (changed / numel) if numel else 0.0}
+        return self._last_dict
 
     # -- validation -------------------------------------------------------------------------
     def _check_group(self, group: dict) -> None:
@@ -154,20 +168,19 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 energies.append(e)
                 changes.append(c)
                 numel += p.numel()
-        # sum on each device first: one host sync per device for the whole step
-        metabolic, changed = 0.0, 0
-        per_device: dict[torch.device, list[torch.Tensor]] = {}
-        for e, c in zip(energies, changes):
-            acc = per_device.setdefault(e.device, [torch.zeros((), dtype=torch.float64, device=e.device),
-                                                   torch.zeros((), dtype=torch.int64, device=e.device)])
-            acc[0] += e.to(torch.float64)
-            acc[1] += c.to(torch.int64)
-        for e_sum, c_sum in per_device.values():
-            metabolic += float(e_sum)
-            changed += int(c_sum)
-        self.last_energy = {"metabolic": float(metabolic), "changed": int(changed),
-                            "numel": numel, "fraction": (changed / numel) if numel else 0.0}
+        self._set_last_energy(energies, changes, numel)
         return loss
+
+
+    def _set_last_energy(self, energies: list[torch.Tensor], changes: list[torch.Tensor], numel: int) -> None:
+        """Sum the per-tensor figures on the first tensor's device (no host sync)."""
+        device = energies[0].device if energies else torch.device("cpu")
+        e = torch.zeros((), dtype=torch.float64, device=device)
+        c = torch.zeros((), dtype=torch.int64, device=device)
+        for ei, ci in zip(energies, changes):
+            e += ei.to(device, torch.float64)
+            c += ci.to(device, torch.int64)
+        self.last_energy_tensors, self._last_numel, self._last_dict = (e, c), numel, None
 
 
 class MaskedAdamW(_MaskedOptimizer):
