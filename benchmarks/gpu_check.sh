@@ -13,7 +13,7 @@ OUT="${OUT:-./gpu_out}"
 PY="${PYTHON:-python}"
 mkdir -p "$OUT"
 status=0
-# Parts to run (all by default): PARTS="lm tests" runs only those.
+# Parts to run (default: tests bench lm): PARTS="lm science" runs only those.
 PARTS=" ${PARTS:-tests bench lm} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
@@ -22,6 +22,7 @@ if [ -d .whl ]; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
+corpus=(data.text.corpus=files data.path=.gpudata/shakespeare)
 
 echo "== nvidia-smi" | tee "$OUT/summary.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/summary.txt"
@@ -29,7 +30,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 # Trainer with torch AdamW (the ledger measures |dw| from snapshots) and with the masked optimizer
 # at select=dense (energy computed inside the fused step), each against the same plain loop.
 if want lm; then
-corpus=(data.text.corpus=files data.path=.gpudata/shakespeare)
 for opt in adamw masked_adamw; do
   echo "== LM throughput: GPT-2 small, bf16, ZeRO-1, trainer optimizer $opt" | tee -a "$OUT/summary.txt"
   timeout 300 "$PY" benchmarks/lm_throughput.py --config configs/gpt2_small.yaml --steps 40 --warmup 20 \
@@ -38,6 +38,24 @@ for opt in adamw masked_adamw; do
   cat "$OUT/lm_throughput_$opt.json" | tee -a "$OUT/summary.txt"
   tail -5 "$OUT/lm_throughput_$opt.err" >> "$OUT/summary.txt"
 done
+fi
+
+# The science benchmark's language-model table (configs/lm_tiny.yaml, nine runs) and the
+# weight-selection settings on lm_tiny; rows are written as each run ends.
+if want science; then
+echo "== science: lm_tiny" | tee -a "$OUT/summary.txt"
+timeout "${SCIENCE_TIMEOUT:-330}" "$PY" benchmarks/science.py --tasks lm_tiny --out /tmp/science \
+    "${corpus[@]}" > "$OUT/science_lm.txt" 2> "$OUT/science_lm.err" || status=1
+cp /tmp/science/rows.jsonl "$OUT/science_lm_rows.jsonl" 2>/dev/null
+cp /tmp/science/lm_tiny_compare.png "$OUT/" 2>/dev/null
+cat "$OUT/science_lm.txt" | tee -a "$OUT/summary.txt"
+if [ -n "${SWEEP_LM:-}" ]; then
+  echo "== weight settings on lm_tiny: $SWEEP_LM" | tee -a "$OUT/summary.txt"
+  timeout "${SWEEP_TIMEOUT:-150}" "$PY" benchmarks/weight_sweep.py --config configs/lm_tiny.yaml --only "$SWEEP_LM" \
+      "${corpus[@]}" > "$OUT/sweep_lm.txt" 2> "$OUT/sweep_lm.err" || status=1
+  cat "$OUT/sweep_lm.txt" | tee -a "$OUT/summary.txt"
+  grep "\[sweep\]" "$OUT/sweep_lm.err" >> "$OUT/summary.txt"
+fi
 fi
 
 if want tests; then

@@ -35,14 +35,14 @@ METHODS = [
     ("dense_matched", "matched"),
 ]
 JOINT = ["optimizer.name=masked_adamw", "optimizer.select=soft", "data.policy=price", "energy.controller=true",
-         "energy.price=0.001", "energy.price_step=1.0"]
+         "energy.price=0.001", "energy.price_step=1.0", "energy.data_units=relative"]
 
 TASKS = {
     "fmnist": {"config": REPO / "configs" / "fmnist_cnn.yaml", "metric": "eval/accuracy",
-               "joint": ["energy.data_scale=100"],
+               "joint": [],
                "quick": ["data.limit=1024", "data.eval_limit=500", "train.epochs=2", "model.width=8",
                          "train.micro_batch_size=64", "train.log_every=8", "train.warmup_steps=8"]},
-    "lm_tiny": {"config": REPO / "configs" / "lm_tiny.yaml", "metric": "eval/loss", "joint": ["energy.data_scale=1"],
+    "lm_tiny": {"config": REPO / "configs" / "lm_tiny.yaml", "metric": "eval/loss", "joint": [],
                 "quick": ["data.text.corpus=files", "data.text.tokenizer=byte", "data.text.seq_len=64",
                           "model.width=32", "model.depth=2", "model.heads=2", "data.limit=256",
                           "data.eval_limit=64", "train.epochs=2", "train.micro_batch_size=16",
@@ -63,9 +63,9 @@ def run_method(info, config: Path, overrides: list[str], out: Path) -> dict:
     return Trainer(cfg, info).run()
 
 
-def run_task(info, name: str, quick: bool, root: Path, corpus: Path | None) -> list[dict]:
+def run_task(info, name: str, quick: bool, root: Path, corpus: Path | None, overrides: list[str]) -> list[dict]:
     task = TASKS[name]
-    base = list(task["quick"]) if quick else []
+    base = (list(task["quick"]) if quick else []) + overrides
     if name == "lm_tiny" and quick:
         base.append(f"data.path={corpus}")
     rows, by_method = [], {}
@@ -80,6 +80,8 @@ def run_task(info, name: str, quick: bool, root: Path, corpus: Path | None) -> l
         row = {"task": name, "method": method, **{k: summary.get(k) for k in KEYS}}
         rows.append(row)
         if info.rank == 0:
+            with open(root / "rows.jsonl", "a") as f:  # a run cut short keeps the rows it finished
+                f.write(json.dumps(row) + "\n")
             print(f"[science] {name}/{method}: {task['metric']}={summary.get(task['metric'])} "
                   f"M={summary['energy/metabolic']:.4g}", file=sys.stderr, flush=True)
     dense = by_method["dense"]
@@ -104,6 +106,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="fmnist,lm_tiny", help="comma list of fmnist, lm_tiny")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. data.path=DIR")
     args = parser.parse_args()
 
     from metabolic.data.text import shakespeare_files
@@ -124,7 +127,7 @@ def main() -> None:
     for name in args.tasks.split(","):
         if name not in TASKS:
             raise SystemExit(f"unknown task {name!r}; choose from {sorted(TASKS)}")
-        rows = run_task(info, name, args.quick, root, corpus)
+        rows = run_task(info, name, args.quick, root, corpus, list(args.overrides))
         all_rows += rows
         if info.rank == 0 and not args.json:
             print(f"== {name} ({'quick' if args.quick else 'full'}): ratios to dense in parentheses")

@@ -50,3 +50,40 @@ def test_controller_meets_budget_on_a_small_run(tmp_path, fmnist):
     assert len(set(prices)) > 3  # the price was actually steered
     # Both sides were priced: some weights did not change, and the data plan dropped samples.
     assert s["energy/changed_weights"] < 0.9 * s["step"] * s["energy/num_weights"]
+
+
+def test_relative_data_units_price_samples_against_the_mean_first_moment():
+    """threshold = data_scale * lambda * mean(1 - p) / mean|m_hat|, both means measured, not assumed."""
+    from metabolic.engine.score_table import ScoreTable
+    from metabolic.kernels import MaskedAdamW
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(50))
+    opt = MaskedAdamW([w], lr=0.01, select="soft", price=0.0)
+    for _ in range(3):
+        w.grad = torch.randn(50)
+        opt.step()
+    st = opt.state[w]
+    m_hat = st["exp_avg"].abs().mean().item() / (1 - 0.9 ** st["step"])
+    table = ScoreTable(8, relative=False)
+    prob = torch.tensor([0.9, 0.5, 0.2, 0.99, 0.6, 0.7])
+    table.update(torch.arange(6), loss=-prob.log(), prob=prob, correct=prob > 0.5,
+                 epoch=torch.zeros(6, dtype=torch.int32))
+    policy = PriceThreshold(0.0)
+    c = JointController(0.02, None, step=0.5, data_scale=3.0, optimizer=opt, policy=policy)
+    assert policy.price == pytest.approx(3.0 * 0.02)  # absolute until calibrated
+    c.calibrate_epoch(table, opt)
+    mean_gap = (1 - prob).double().mean().item()  # unscored rows 6, 7 are left out
+    assert policy.price == pytest.approx(3.0 * 0.02 * mean_gap / m_hat, rel=1e-6)
+    c2 = JointController(0.02, None, step=0.5, data_scale=3.0, optimizer=opt, policy=PriceThreshold(0.0))
+    c2.load_state_dict(c.state_dict())  # the calibration travels in checkpoints
+    assert c2.data_threshold == pytest.approx(c.data_threshold)
+
+
+def test_relative_data_units_need_masked_adamw():
+    from metabolic.engine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="energy.data_units"):
+        load_config(CONFIG, ["energy.data_units=relative", "optimizer.name=adamw"])
+    with pytest.raises(ConfigError, match="energy.data_units"):
+        load_config(CONFIG, ["energy.data_units=percent"])

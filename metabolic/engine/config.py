@@ -183,6 +183,8 @@ class EnergyConfig:
     """Controller: dual-ascent step size (log lambda moves by step * relative overspend)."""
     data_scale: float = 1.0
     """Controller: threshold on the sample proxy (1 - p, or loss) per unit of lambda."""
+    data_units: str = "absolute"
+    """Controller: 'absolute' (threshold = data_scale * lambda) or 'relative' (times mean proxy / mean |m_hat|)."""
 
 
 @dataclass
@@ -288,6 +290,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(e.budget_per in ("run", "epoch"), "energy.budget_per", e.budget_per, "run or epoch")
     _check(e.price_step > 0, "energy.price_step", e.price_step, "> 0")
     _check(e.data_scale > 0, "energy.data_scale", e.data_scale, "> 0")
+    _check(e.data_units in ("absolute", "relative"), "energy.data_units", e.data_units, "absolute or relative")
+    _check(e.data_units == "absolute" or cfg.optimizer.name == "masked_adamw", "energy.data_units", e.data_units,
+           "absolute unless optimizer.name is masked_adamw (relative units read AdamW's first moment)")
     _check(e.budget is None or e.controller, "energy.controller", e.controller, "true when energy.budget is set")
     priced = cfg.data.policy == "price" or (o.name.startswith("masked") and o.select in ("hard", "soft"))
     _check(not e.controller or priced, "energy.controller", e.controller,

@@ -16,12 +16,22 @@ F(p) = p for a constant rate, F(p) = p + sin(pi p) / pi for cosine decay (the in
 0.5 (1 + cos(pi x)) over [0, p], normalised); a linear plan would overspend early and be left
 unable to spend late, when the rate is near zero.
 Every rank computes the same lambda from the same globally reduced spend.
+
+Relative data units (energy.data_units=relative) remove the hand-tuned data_scale: the soft
+rule keeps weight i when |m_hat_i| > lambda, and a sample's share of that first moment scales
+with its proxy relative to the mean proxy, so a sample is kept when
+    proxy / mean(proxy) > lambda / mean|m_hat|        (times data_scale, default 1),
+i.e. both sides compare a magnitude relative to its mean with the same relative price. The two
+means are measured once per epoch, before the epoch is planned.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Optional
+
+import torch
+import torch.distributed as dist
 
 MIN_PRICE, MAX_PRICE = 1e-8, 1e3
 
@@ -34,12 +44,19 @@ class JointController:
         self.price = max(float(price), MIN_PRICE) if budget is not None else float(price)
         self.budget, self.step, self.data_scale, self.schedule = budget, step, data_scale, schedule
         self.optimizer, self.policy = optimizer, policy
+        self.data_units = 1.0  # proxy units per unit of lambda (relative mode: mean proxy / mean |m_hat|)
         self.apply()
 
     @property
     def data_threshold(self) -> float:
         """Threshold on the sample proxy at the current price."""
-        return self.data_scale * self.price
+        return self.data_scale * self.data_units * self.price
+
+    def calibrate_data(self, mean_proxy: float, mean_abs_moment: float) -> None:
+        """Relative units: a sample pays lambda / mean|m_hat| per unit of proxy / mean proxy."""
+        if mean_proxy > 0 and mean_abs_moment > 0:
+            self.data_units = mean_proxy / mean_abs_moment
+            self.apply()
 
     def apply(self) -> None:
         """Publish lambda: weights see it at their next step, samples at the next epoch plan."""
@@ -64,12 +81,39 @@ class JointController:
         self.apply()
         return self.price
 
+    def calibrate_epoch(self, table, optimizer, group=None) -> None:
+        """Measure both means before an epoch is planned (relative units; every rank gets the same)."""
+        if self.policy is None:
+            return
+        scored = table.scored()
+        if not bool(scored.any()):
+            return  # first epoch: every sample is unscored and kept anyway
+        mean_proxy = float(self.policy.proxy_values(table)[scored].double().mean())
+        self.calibrate_data(mean_proxy, mean_abs_first_moment(optimizer, group))
+
     def state_dict(self) -> dict:
-        return {"price": self.price}
+        return {"price": self.price, "data_units": self.data_units}
 
     def load_state_dict(self, state: dict) -> None:
         self.price = float(state["price"])
+        self.data_units = float(state.get("data_units", 1.0))
         self.apply()
+
+
+def mean_abs_first_moment(optimizer, group=None) -> float:
+    """Global mean of AdamW's bias-corrected first moment |m_hat| over every rank's weights."""
+    total, count = 0.0, 0
+    for g in optimizer.param_groups:
+        beta1 = g["betas"][0]
+        for p in g["params"]:
+            st = optimizer.state.get(p, {})
+            if "exp_avg" in st and st.get("step", 0) > 0:
+                total += float(st["exp_avg"].abs().sum(dtype=torch.float64)) / (1.0 - beta1 ** st["step"])
+                count += st["exp_avg"].numel()
+    vec = torch.tensor([total, float(count)], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(vec, group=group)
+    return float(vec[0] / vec[1]) if vec[1] > 0 else 0.0
 
 
 def build_controller(cfg, optimizer, policy) -> Optional[JointController]:
