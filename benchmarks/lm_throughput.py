@@ -37,7 +37,8 @@ def plain_deepspeed(cfg, info, task, steps: int, warmup: int) -> float:
     torch.manual_seed(cfg.seed)
     ds_config = build.deepspeed_config(cfg, info.world_size)
     model, keep_alive = build.build_model(cfg, task, ds_config)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas))
+    o = cfg.optimizer  # the same AdamW hyperparameters as the trainer's optimizer.name=adamw
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     mb = cfg.train.micro_batch_size
     n = task.num_train
