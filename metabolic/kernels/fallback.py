@@ -7,9 +7,12 @@ Same math and the same selection decisions as `reference.py`, organised for spee
   that computes per-block squared norms of u_total without writing anything. Then ONE pass
   updates moments, forms u_total, selects, applies, writes the residual and the optional bf16
   copy, and reduces energy and changed count.
-- That pass is `torch.compile`d (one fused C++ loop, no temporaries) for large buffers; on
-  25M fp32 params with 1 thread the compiled step is within ~1.2x of fused AdamW, the eager
-  one several times slower (PLATFORM.md; benchmarks/optimizer_step.py measures it). Compilation
+- That pass is `torch.compile`d (one fused C++ loop, no temporaries) for large buffers.
+  Inductor's CPU code puts a reduction in a loop of its own that recomputes its inputs, so
+  reducing the energy inside the step would compute the whole AdamW update twice; the compiled
+  step stores the applied change in a reused scratch buffer and a second, cheap pass reduces it.
+  On 25M fp32 params with 1 thread that costs ~1.7x of fused AdamW for dense (2.2x with both
+  reductions in the step); the update alone is ~1.0x (benchmarks/optimizer_step.py). Compilation
   is lazy (first large step), optional (METABOLIC_COMPILE=0 or compile=False), and any compile
   error falls back to eager for the rest of the process.
 - Eager mode runs the same code over chunks of CHUNK elements, so every temporary is
@@ -79,9 +82,12 @@ def _candidate(p, g, m, v, r, hp, kind: str, has_momentum: bool, nesterov: bool,
     return u, eta, m_new, v_new
 
 
-def _fused(p, g, m, v, r, pbf, hp, hi, aux, offset: int, kind: str, has_momentum: bool,
+def _fused(p, g, m, v, r, pbf, dw_out, hp, hi, aux, offset: int, kind: str, has_momentum: bool,
            nesterov: bool, residual: bool, rule: str, block_size: int, alpha: float):
-    """Moments, candidate, selection, apply, residual, bf16 copy, energy: one pass, in place."""
+    """Moments, candidate, selection, apply, residual, bf16 copy, energy: one pass, in place.
+
+    With `dw_out` the applied change is stored there instead of reduced: inductor's CPU code
+    computes a reduction in its own loop, which would recompute the whole step a second time."""
     u, eta, m_new, v_new = _candidate(p, g, m, v, r, hp, kind, has_momentum, nesterov, residual)
     if rule == "dense":
         dw = u
@@ -101,14 +107,11 @@ def _fused(p, g, m, v, r, pbf, hp, hi, aux, offset: int, kind: str, has_momentum
         dw = torch.where(keep, u, torch.zeros_like(u))
     p_new = p + dw
     d = p_new - p
-    nz = d != 0
-    if alpha == 0.0:
-        energy = nz.sum(dtype=torch.float32)
-    elif alpha == 1.0:
-        energy = d.abs().sum()
+    if dw_out is not None:
+        dw_out.copy_(d)
+        energy = changed = None
     else:
-        energy = torch.where(nz, d.abs() ** alpha, torch.zeros_like(d)).sum()
-    changed = nz.sum()
+        energy, changed = _energy(d, alpha)
     if m_new is not None:
         m.copy_(m_new)
     if v_new is not None:
@@ -121,6 +124,18 @@ def _fused(p, g, m, v, r, pbf, hp, hi, aux, offset: int, kind: str, has_momentum
     return energy, changed
 
 
+def _energy(d, alpha: float):
+    """(sum |d|^alpha, count of d != 0) of the applied change, 0^alpha = 0."""
+    nz = d != 0
+    if alpha == 0.0:
+        energy = nz.sum(dtype=torch.float32)
+    elif alpha == 1.0:
+        energy = d.abs().sum()
+    else:
+        energy = torch.where(nz, d.abs() ** alpha, torch.zeros_like(d)).sum()
+    return energy, nz.sum()
+
+
 def _block_sq_norms(p, g, m, v, r, hp, kind: str, has_momentum: bool, nesterov: bool,
                     residual: bool, block_size: int):
     """Pass 1 of the block rule: squared L2 norm of u_total per block; writes nothing."""
@@ -129,6 +144,21 @@ def _block_sq_norms(p, g, m, v, r, hp, kind: str, has_momentum: bool, nesterov: 
     nb = (n + block_size - 1) // block_size
     u = F.pad(u, (0, nb * block_size - n))
     return (u * u).view(nb, block_size).sum(dim=1)
+
+
+_FUNCTIONS = {"fused": _fused, "block": _block_sq_norms, "energy": _energy}
+
+
+def _scratch(n: int, device: torch.device) -> torch.Tensor:
+    """A reused fp32 buffer of at least n elements (the applied change of the compiled step)."""
+    buf = _scratch_buffers.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=torch.float32, device=device)
+        _scratch_buffers[device] = buf
+    return buf[:n]
+
+
+_scratch_buffers: dict[torch.device, torch.Tensor] = {}
 
 
 def compile_enabled() -> bool:
@@ -146,7 +176,7 @@ def _get_compiled(name: str):
                 setattr(dynamo.config, key, max(getattr(dynamo.config, key), 64))
         # without the realize_* options inductor materialises p_new (read by the energy
         # reduction next to old p) into a fresh param-sized buffer and copies it back: 5x slower
-        fn = torch.compile({"fused": _fused, "block": _block_sq_norms}[name], dynamic=True,
+        fn = torch.compile(_FUNCTIONS[name], dynamic=True,
                            options={"realize_reads_threshold": 1000,
                                     "realize_opcount_threshold": 1000,
                                     "realize_acc_reads_threshold": 1000})
@@ -155,7 +185,7 @@ def _get_compiled(name: str):
 
 
 def _call(name: str, compiled: bool, *args, **kwargs):
-    fn = _get_compiled(name) if compiled else {"fused": _fused, "block": _block_sq_norms}[name]
+    fn = _get_compiled(name) if compiled else _FUNCTIONS[name]
     return fn(*args, **kwargs)
 
 
@@ -212,9 +242,12 @@ def _step(p, g, state, spec, out_bf16, compiled: bool):
     energy = torch.zeros((), dtype=torch.float64, device=dev)
     changed = torch.zeros((), dtype=torch.int64, device=dev)
     for s in range(0, n, chunk):
-        e, c = _call("fused", compiled, *_views([p, g, m, v, r, out_bf16], s, min(s + chunk, n)),
+        dw = _scratch(min(chunk, n - s), dev) if compiled else None
+        e, c = _call("fused", compiled, *_views([p, g, m, v, r, out_bf16], s, min(s + chunk, n)), dw,
                      hp, hi, aux, s, rule=spec.select, block_size=spec.block_size,
                      alpha=float(spec.alpha), **flags)
+        if compiled:  # one more pass, over the stored change only
+            e, c = _call("energy", compiled, dw, alpha=float(spec.alpha))
         energy += e.double()
         changed += c
     return energy, changed
