@@ -40,6 +40,8 @@ JOINT = ["optimizer.name=masked_adamw", "optimizer.select=soft", "data.policy=pr
 TASKS = {
     "fmnist": {"config": REPO / "configs" / "fmnist_cnn.yaml", "metric": "eval/accuracy",
                "joint": [],
+               # data-policy settings tuned on this experiment (benchmarks/RESULTS.md); lm_tiny uses the defaults
+               "methods": {"pdd_difficulty": ["data.tau=0.85"], "pdd_random": ["data.gamma=0.65"]},
                "quick": ["data.limit=1024", "data.eval_limit=500", "train.epochs=2", "model.width=8",
                          "train.micro_batch_size=64", "train.log_every=8", "train.warmup_steps=8"]},
     "lm_tiny": {"config": REPO / "configs" / "lm_tiny.yaml", "metric": "eval/loss", "joint": [],
@@ -75,6 +77,7 @@ def run_task(info, name: str, quick: bool, root: Path, corpus: Path | None, over
             extra = JOINT + task["joint"] + [f"energy.budget={budget}"]
         elif extra == "matched":
             extra = [f"train.max_steps={by_method['joint_low']['step']}"]
+        extra = list(extra) + task.get("methods", {}).get(method, [])
         summary = run_method(info, task["config"], base + extra, root / name / method)
         by_method[method] = summary
         row = {"task": name, "method": method, **{k: summary.get(k) for k in KEYS}}
