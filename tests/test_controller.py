@@ -87,3 +87,19 @@ def test_relative_data_units_need_masked_adamw():
         load_config(CONFIG, ["energy.data_units=relative", "optimizer.name=adamw"])
     with pytest.raises(ConfigError, match="energy.data_units"):
         load_config(CONFIG, ["energy.data_units=percent"])
+
+
+def test_an_epoch_that_keeps_no_sample_still_lowers_the_price(tmp_path, fmnist):
+    """Far under budget, with a slow price step that keeps the data threshold (10 * lambda) above
+    any gap (1 - p <= 1): epochs 2-4 plan no sample and take no step, and only the epoch-end
+    update can bring lambda down."""
+    out = tmp_path / "empty"
+    ok(metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=4", "data.policy=price",
+                 "energy.controller=true", "energy.budget=1e6", "energy.price=1.0", "energy.price_step=0.01",
+                 "energy.data_scale=10"))
+    s = summary(out)
+    assert [e["kept_fraction"] for e in s["epochs"]][1:] == [0.0, 0.0, 0.0]
+    ends = [r for r in records(out) if "eval/accuracy" in r]  # one record per epoch end
+    prices = [r["energy/price"] for r in ends]
+    assert len(prices) == 4 and all(b < a for a, b in zip(prices, prices[1:])), prices
+    assert len({r["step"] for r in ends[1:]}) == 1  # no step was taken after epoch 1

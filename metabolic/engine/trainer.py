@@ -163,11 +163,22 @@ class Trainer:
             progress.update(1, epoch=self.state.epoch)
             if self._after_step(plan):
                 return
+        # Agree again at the epoch's end: an epoch whose plan kept no sample takes no step, and
+        # would otherwise never see a stop signal nor let the controller bring the price down.
+        stop, spent = self._agree()
+        if self.controller is not None:
+            progress = (plan.epoch + 1) / cfg.train.epochs
+            if cfg.train.max_steps:
+                progress = max(progress, self.state.step / cfg.train.max_steps)
+            self.controller.update(spent, progress)
         self.state.epoch += 1
         self.state.micro = 0
         self.state.done = self.state.epoch >= cfg.train.epochs
         self._log(eval_now=True)
         self._checkpoint()
+        if stop and not self.state.done:
+            raise Preempted(f"stop signal at the end of epoch {self.state.epoch - 1}; checkpoint saved in "
+                            f"{checkpoint.checkpoint_root(self.out)}")
 
     def _train_micro_batch(self, plan: EpochPlan, m: int) -> None:
         idx, weights = plan.batches[m], plan.weights[m].to(self.info.device)
