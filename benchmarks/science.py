@@ -65,13 +65,19 @@ def run_method(info, config: Path, overrides: list[str], out: Path) -> dict:
     return Trainer(cfg, info).run()
 
 
-def run_task(info, name: str, quick: bool, root: Path, corpus: Path | None, overrides: list[str]) -> list[dict]:
+def run_task(info, name: str, quick: bool, root: Path, corpus: Path | None, overrides: list[str],
+             reused: list[dict]) -> list[dict]:
     task = TASKS[name]
     base = (list(task["quick"]) if quick else []) + overrides
     if name == "lm_tiny" and quick:
         base.append(f"data.path={corpus}")
     rows, by_method = [], {}
+    done = {r["method"]: r for r in reused if r["task"] == name}
     for method, extra in METHODS:
+        if method in done:  # --resume: a finished run's row stands in for its summary
+            rows.append(done[method])
+            by_method[method] = done[method]
+            continue
         if extra == "joint":
             budget = BUDGETS[method] * by_method["dense"]["energy/metabolic"]
             extra = JOINT + task["joint"] + [f"energy.budget={budget}"]
@@ -80,7 +86,7 @@ def run_task(info, name: str, quick: bool, root: Path, corpus: Path | None, over
         extra = list(extra) + task.get("methods", {}).get(method, [])
         summary = run_method(info, task["config"], base + extra, root / name / method)
         by_method[method] = summary
-        row = {"task": name, "method": method, **{k: summary.get(k) for k in KEYS}}
+        row = {"task": name, "method": method, "overrides": base + extra, **{k: summary.get(k) for k in KEYS}}
         rows.append(row)
         if info.rank == 0:
             with open(root / "rows.jsonl", "a") as f:  # a run cut short keeps the rows it finished
@@ -109,6 +115,8 @@ def main() -> None:
     parser.add_argument("--tasks", default="fmnist,lm_tiny", help="comma list of fmnist, lm_tiny")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in OUT/rows.jsonl and run only the missing methods")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. data.path=DIR")
     args = parser.parse_args()
 
@@ -119,6 +127,14 @@ def main() -> None:
     info = init_distributed()
     tmp = tempfile.TemporaryDirectory()
     root = Path(args.out) if args.out else Path(tmp.name)
+    reused = []
+    if args.resume:
+        if not args.out:
+            raise SystemExit("--resume needs --out (the folder of the earlier rows.jsonl)")
+        path = root / "rows.jsonl"
+        reused = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if info.rank == 0:
+            print(f"[science] reusing {len(reused)} rows from {path}", file=sys.stderr, flush=True)
     corpus = None
     if args.quick and "lm_tiny" in args.tasks:
         corpus = root / "corpus"
@@ -130,7 +146,7 @@ def main() -> None:
     for name in args.tasks.split(","):
         if name not in TASKS:
             raise SystemExit(f"unknown task {name!r}; choose from {sorted(TASKS)}")
-        rows = run_task(info, name, args.quick, root, corpus, list(args.overrides))
+        rows = run_task(info, name, args.quick, root, corpus, list(args.overrides), reused)
         all_rows += rows
         if info.rank == 0 and not args.json:
             print(f"== {name} ({'quick' if args.quick else 'full'}): ratios to dense in parentheses")
