@@ -1,5 +1,7 @@
 """The joint energy controller: dual ascent direction, plan shape, and meeting a budget."""
 
+import math
+
 import pytest
 import torch
 
@@ -21,11 +23,14 @@ def test_price_rises_when_overspending_and_falls_when_underspending():
     c, opt, policy = _controller()
     assert opt.param_groups[0]["price"] == 0.5 and policy.price == 1.0  # one price, published to both sides
     up = c.update(spent=80.0, progress=0.5)  # planned 50: overspending
-    assert up > 0.5 and opt.param_groups[0]["price"] == up and policy.price == pytest.approx(2.0 * up)
+    assert up > 0.5 and opt.param_groups[0]["price"] == up
+    assert policy.price == 1.0  # samples are priced once per epoch plan, not per step
     down = c.update(spent=60.0, progress=0.9)  # planned 90: underspending
     assert down < up
     same = c.update(spent=45.0, progress=0.45)  # on plan
     assert same == pytest.approx(down)
+    c.begin_epoch()  # the next plan pays the geometric mean of the epoch's lambdas
+    assert policy.price == pytest.approx(2.0 * math.exp((math.log(up) + math.log(down) + math.log(same)) / 3))
 
 
 def test_fixed_price_without_budget_and_cosine_plan():

@@ -45,12 +45,25 @@ class JointController:
         self.budget, self.step, self.data_scale, self.schedule = budget, step, data_scale, schedule
         self.optimizer, self.policy = optimizer, policy
         self.data_units = 1.0  # proxy units per unit of lambda (relative mode: mean proxy / mean |m_hat|)
+        self.data_price = self.price  # lambda the current epoch's plan was made at
+        self._log_sum, self._count = 0.0, 0  # log lambda over the steps since that plan
         self.apply()
 
     @property
     def data_threshold(self) -> float:
-        """Threshold on the sample proxy at the current price."""
-        return self.data_scale * self.data_units * self.price
+        """Threshold on the sample proxy at the price of the current epoch's plan."""
+        return self.data_scale * self.data_units * self.data_price
+
+    def begin_epoch(self) -> None:
+        """Price the next plan at the geometric mean of lambda over the last epoch: weights see
+        every step's lambda, but samples are chosen once per epoch, and the instantaneous lambda
+        of dual ascent swings too much to decide a whole epoch on."""
+        if self._count:
+            self.data_price = math.exp(self._log_sum / self._count)
+        elif self.budget is None:
+            self.data_price = self.price
+        self._log_sum, self._count = 0.0, 0
+        self.apply()
 
     def calibrate_data(self, mean_proxy: float, mean_abs_moment: float) -> None:
         """Relative units: a sample pays lambda / mean|m_hat| per unit of proxy / mean proxy."""
@@ -78,6 +91,8 @@ class JointController:
         planned = self.budget * self.planned_fraction(progress)
         gap = spent / planned - 1.0
         self.price = min(max(self.price * math.exp(self.step * max(min(gap, 5.0), -5.0)), MIN_PRICE), MAX_PRICE)
+        self._log_sum += math.log(self.price)
+        self._count += 1
         self.apply()
         return self.price
 
@@ -92,11 +107,14 @@ class JointController:
         self.calibrate_data(mean_proxy, mean_abs_first_moment(optimizer, group))
 
     def state_dict(self) -> dict:
-        return {"price": self.price, "data_units": self.data_units}
+        return {"price": self.price, "data_units": self.data_units, "data_price": self.data_price,
+                "log_sum": self._log_sum, "count": self._count}
 
     def load_state_dict(self, state: dict) -> None:
         self.price = float(state["price"])
         self.data_units = float(state.get("data_units", 1.0))
+        self.data_price = float(state.get("data_price", self.price))
+        self._log_sum, self._count = float(state.get("log_sum", 0.0)), int(state.get("count", 0))
         self.apply()
 
 

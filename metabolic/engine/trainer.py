@@ -135,8 +135,10 @@ class Trainer:
         progress = Progress(self.is_main and cfg.train.progress, cfg.train.max_steps, self.state.step)
         try:
             while not self.state.done:
-                if self.controller is not None and cfg.energy.data_units == "relative" and self.state.micro == 0:
-                    self.controller.calibrate_epoch(self.service.table, self.optimizer, self.info.meta_group)
+                if self.controller is not None and self.state.micro == 0:  # price this epoch's plan
+                    if cfg.energy.data_units == "relative":
+                        self.controller.calibrate_epoch(self.service.table, self.optimizer, self.info.meta_group)
+                    self.controller.begin_epoch()
                 plan = self.service.plan_epoch(self.state.epoch, cfg.train.epochs, scorer=self._score_no_grad,
                                                refresh_batch=max(256, 2 * cfg.train.micro_batch_size))
                 if plan.refreshed:  # no-grad forwards that refreshed stale scores before this epoch
