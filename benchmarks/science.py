@@ -35,7 +35,7 @@ METHODS = [
     ("dense_matched", "matched"),
 ]
 JOINT = ["optimizer.name=masked_adamw", "optimizer.select=soft", "data.policy=price", "energy.controller=true",
-         "energy.price=0.001", "energy.price_step=1.0", "energy.data_units=relative"]
+         "energy.price=0.001", "energy.price_step=0.05", "energy.data_units=relative"]
 
 TASKS = {
     "fmnist": {"config": REPO / "configs" / "fmnist_cnn.yaml", "metric": "eval/accuracy",
