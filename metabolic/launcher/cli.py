@@ -16,6 +16,25 @@ def _error(msg: str, code: int = EXIT_CONFIG) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    return _leave(_train(args))
+
+
+def _leave(code: int) -> int:
+    """A rank of a multi-process run leaves with os._exit once everything is written and the
+    process group is destroyed: torch 2.13's gloo can still abort in its C++ teardown after a
+    clean run (`terminate called without an active exception`, PLATFORM.md), which turns a
+    finished run into a failed launch."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _train(args: argparse.Namespace) -> int:
     from metabolic.engine.config import ConfigError, load_config
 
     try:
