@@ -26,17 +26,13 @@ PRICES = {"hard": (1e-7, 1e-6, 1e-5), "soft": (1e-4, 1e-3, 1e-2)}
 
 
 def settings(residuals: list[bool]) -> list[tuple[str, list[str]]]:
-    out = [("dense", [])]
+    """The sweep's grid, as names that parse_setting turns into overrides."""
+    names = []
     for res in residuals:
         tag = "+res" if res else ""
-        flag = [f"optimizer.residual={str(res).lower()}"]
-        for f in (0.5, 0.2, 0.1, 0.05, 0.01):
-            out.append((f"topk {f}{tag}", MASKED + flag + ["optimizer.select=topk", f"optimizer.fraction={f}"]))
-        out.append((f"random 0.1{tag}", MASKED + flag + ["optimizer.select=random", "optimizer.fraction=0.1"]))
-        for rule, prices in PRICES.items():
-            for p in prices:
-                out.append((f"{rule} {p:g}{tag}", MASKED + flag + [f"optimizer.select={rule}", f"optimizer.price={p}"]))
-    return out
+        names += [f"topk {f}{tag}" for f in (0.5, 0.2, 0.1, 0.05, 0.01)] + [f"random 0.1{tag}"]
+        names += [f"{rule} {p:g}{tag}" for rule, prices in PRICES.items() for p in prices]
+    return [("dense", [])] + [parse_setting(n) for n in names]
 
 
 def parse_setting(name: str) -> tuple[str, list[str]]:

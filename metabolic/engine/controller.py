@@ -40,10 +40,10 @@ class JointController:
     """Holds lambda and pushes it to the optimizer's param groups and the data policy."""
 
     def __init__(self, price: float, budget: Optional[float], step: float, data_scale: float,
-                 optimizer=None, policy=None, schedule: str = "constant") -> None:
+                 optimizer=None, policy=None, schedule: str = "constant", relative: bool = False) -> None:
         self.price = max(float(price), MIN_PRICE) if budget is not None else float(price)
         self.budget, self.step, self.data_scale, self.schedule = budget, step, data_scale, schedule
-        self.optimizer, self.policy = optimizer, policy
+        self.optimizer, self.policy, self.relative = optimizer, policy, relative
         self.data_units = 1.0  # proxy units per unit of lambda (relative mode: mean proxy / mean |m_hat|)
         self.data_price = self.price  # lambda the current epoch's plan was made at
         self._log_sum, self._count = 0.0, 0  # log lambda over the steps since that plan
@@ -54,10 +54,13 @@ class JointController:
         """Threshold on the sample proxy at the price of the current epoch's plan."""
         return self.data_scale * self.data_units * self.data_price
 
-    def begin_epoch(self) -> None:
+    def begin_epoch(self, table=None, optimizer=None, group=None) -> None:
         """Price the next plan at the geometric mean of lambda over the last epoch: weights see
         every step's lambda, but samples are chosen once per epoch, and the instantaneous lambda
-        of dual ascent swings too much to decide a whole epoch on."""
+        of dual ascent swings too much to decide a whole epoch on. Relative units are measured
+        here too, from the score table and the optimizer's first moments."""
+        if self.relative and table is not None:
+            self.calibrate_epoch(table, optimizer, group)
         if self._count:
             self.data_price = math.exp(self._log_sum / self._count)
         elif self.budget is None:
@@ -145,4 +148,4 @@ def build_controller(cfg, optimizer, policy) -> Optional[JointController]:
     if e.budget is not None:
         budget = e.budget * (cfg.train.epochs if e.budget_per == "epoch" else 1)
     return JointController(e.price, budget, e.price_step, e.data_scale, optimizer=weights, policy=data,
-                           schedule=cfg.train.lr_schedule)
+                           schedule=cfg.train.lr_schedule, relative=e.data_units == "relative")

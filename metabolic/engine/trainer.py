@@ -136,9 +136,7 @@ class Trainer:
         try:
             while not self.state.done:
                 if self.controller is not None and self.state.micro == 0:  # price this epoch's plan
-                    if cfg.energy.data_units == "relative":
-                        self.controller.calibrate_epoch(self.service.table, self.optimizer, self.info.meta_group)
-                    self.controller.begin_epoch()
+                    self.controller.begin_epoch(self.service.table, self.optimizer, self.info.meta_group)
                 plan = self.service.plan_epoch(self.state.epoch, cfg.train.epochs, scorer=self._score_no_grad,
                                                refresh_batch=max(256, 2 * cfg.train.micro_batch_size))
                 if plan.refreshed:  # no-grad forwards that refreshed stale scores before this epoch
@@ -169,10 +167,7 @@ class Trainer:
         # would otherwise never see a stop signal nor let the controller bring the price down.
         stop, spent = self._agree()
         if self.controller is not None:
-            progress = (plan.epoch + 1) / cfg.train.epochs
-            if cfg.train.max_steps:
-                progress = max(progress, self.state.step / cfg.train.max_steps)
-            self.controller.update(spent, progress)
+            self.controller.update(spent, self._progress(plan, plan.num_micro_batches))
         self.state.epoch += 1
         self.state.micro = 0
         self.state.done = self.state.epoch >= cfg.train.epochs
@@ -211,7 +206,8 @@ class Trainer:
     def _progress(self, plan: EpochPlan, m: int) -> float:
         """Fraction of the run done in [0, 1]: by nominal epochs, or by steps against max_steps."""
         t = self.cfg.train
-        progress = (plan.epoch + m / max(plan.num_micro_batches, 1)) / t.epochs
+        n = plan.num_micro_batches
+        progress = (plan.epoch + (m / n if n else 1.0)) / t.epochs  # an empty epoch is done at once
         if t.max_steps:
             progress = max(progress, self.state.step / t.max_steps)
         return progress
