@@ -1,4 +1,5 @@
-"""Fast torch implementation of the masked step for CPU (and any device without Triton).
+"""Torch implementation of the masked step, for devices without Triton and CPUs without a C compiler
+(on CPU the native step in `cpu_step.c` is faster: it reduces inside its update loop).
 
 Same math and the same selection decisions as `reference.py`, organised for speed:
 

@@ -26,7 +26,7 @@ from .spec import SELECT_RULES, StepSpec, validate_selection
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "torch", "triton")
+BACKENDS = ("auto", "reference", "torch", "native", "triton")
 _STATE_BUFFERS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "residual")
 
 
@@ -34,7 +34,11 @@ def _run_backend(name: str, p: torch.Tensor, g: torch.Tensor, state: dict, spec:
                  out_bf16: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch one flat step; returns 0-d (energy float64, changed int64) on p's device."""
     if name == "auto":
-        name = "triton" if p.is_cuda and _triton_available() else "torch"
+        if p.is_cuda:
+            name = "triton" if _triton_available() else "torch"
+        else:
+            from . import native
+            name = "native" if p.device.type == "cpu" and native.available() else "torch"
     if name == "reference":
         from .reference import reference_step
         e, c = reference_step(p, g, state, spec, out_bf16)
@@ -42,6 +46,9 @@ def _run_backend(name: str, p: torch.Tensor, g: torch.Tensor, state: dict, spec:
     if name == "triton":
         from .triton_step import triton_step
         return triton_step(p, g, state, spec, out_bf16)
+    if name == "native":
+        from .native import native_step
+        return native_step(p, g, state, spec, out_bf16)
     from .fallback import fallback_step
     return fallback_step(p, g, state, spec, out_bf16)
 
@@ -189,8 +196,8 @@ class MaskedAdamW(_MaskedOptimizer):
     select: one of SELECT_RULES. fraction: kept fraction for topk/random/block. price: lambda
     for hard/soft, in units of the coordinate's step size eta_i = lr / (sqrt(v_hat_i) + eps).
     alpha: exponent of the energy sum |dw|^alpha. residual: keep unselected updates and add
-    them next step. backend: "auto" (Triton on CUDA, torch fallback on CPU), "reference",
-    "torch" or "triton".
+    them next step. backend: "auto" (Triton on CUDA; on CPU the native C step, or the torch
+    fallback without a C compiler), "reference", "torch", "native" or "triton".
     """
 
     _kind = "adamw"

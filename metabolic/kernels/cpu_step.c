@@ -1,0 +1,246 @@
+/* Native CPU masked step: the math of reference.py in one pass over memory.
+ *
+ * Why C: inductor's CPU code computes a reduction in a loop of its own that recomputes its
+ * inputs, so a torch.compile'd step that also sums |dw| either computes AdamW twice or stores
+ * dw and reads it again (~1.7x of fused AdamW). Here one vectorised loop updates the moments,
+ * forms u, selects, applies, writes the residual and bf16 copy, and reduces energy and count.
+ *
+ * Rounding follows the torch fallback op by op (built with -ffp-contract=off, no fast-math):
+ * decisions equal the reference's except at last-ulp ties. Energy is summed per SUB elements
+ * in float (SIMD lanes), then in double, per sub-chunk in index order: the total does not
+ * depend on how the caller splits the buffer across threads when splits are SUB-aligned.
+ *
+ * hp: the float scalars in fallback._hp's layout. Built by native.py; loaded through ctypes.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define SUB 4096
+
+enum { DENSE = 0, TOPK = 1, HARD = 2, SOFT = 3, RANDOM = 4, BLOCK = 5 };
+enum { ADAMW = 0, SGD = 1 };
+
+typedef struct {
+    float *p;
+    const float *g;
+    float *m;              /* exp_avg or momentum buffer; NULL without momentum */
+    float *v;              /* exp_avg_sq; adamw only */
+    float *r;              /* residual; NULL without */
+    uint16_t *pbf;         /* bf16 copy of the new params; NULL without */
+    const float *hp;       /* 10 scalars */
+    const uint8_t *block_keep; /* block rule: keep flag per block of the whole buffer */
+    int64_t block_size;
+    int64_t offset;        /* index of p[0] within the whole flat buffer */
+    float threshold;       /* topk: keep |u| > threshold */
+    uint32_t hash_base;    /* random rule */
+    int64_t random_threshold;
+    float alpha;
+} Step;
+
+static inline uint32_t fmix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    return h;
+}
+
+static inline uint16_t to_bf16(float x) {  /* round to nearest even, as torch */
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if (x != x) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* The buffers as restrict pointers held in locals: read through the struct, every store could
+ * alias its fields and the loop would not vectorise. */
+typedef struct {
+    float *restrict p;
+    const float *restrict g;
+    float *restrict m;
+    float *restrict v;
+    float *restrict r;
+} Bufs;
+
+/* u_total and eta of element i; the new moments go to *mo / *vo. */
+static inline __attribute__((always_inline)) float candidate(
+        Bufs b, const float *hp, int64_t i, int kind, int has_m, int nesterov, int residual,
+        float *mo, float *vo, float *eta) {
+    float p = b.p[i], g = b.g[i], u;
+    if (kind == ADAMW) {
+        float m = b.m[i] * hp[9] + hp[2] * g;
+        float v = b.v[i] * hp[3] + hp[4] * (g * g);
+        float inv = 1.0f / (sqrtf(v) * hp[7] + hp[5]);
+        u = (-hp[6]) * m * inv - (hp[0] * hp[1]) * p;
+        *eta = hp[0] * inv;
+        *mo = m;
+        *vo = v;
+    } else {
+        float d = g + hp[1] * p;
+        if (has_m) {
+            float m = hp[2] * b.m[i] + hp[3] * d;
+            d = nesterov ? d + hp[4] * m : m;
+            *mo = m;
+        }
+        u = (-hp[0]) * d;
+        *eta = hp[0];
+    }
+    if (residual) u = u + b.r[i];
+    return u;
+}
+
+static inline __attribute__((always_inline)) void run(
+        const Step *s, int64_t n, double *energy, int64_t *changed,
+        int kind, int has_m, int nesterov, int residual, int rule, int pow_alpha) {
+    float hp[10];
+    memcpy(hp, s->hp, sizeof hp);
+    const Bufs b = {s->p, s->g, s->m, s->v, s->r};
+    uint16_t *restrict pbf = s->pbf;
+    const uint8_t *restrict block_keep = s->block_keep;
+    const int64_t offset = s->offset, block_size = s->block_size, random_threshold = s->random_threshold;
+    const uint32_t base = s->hash_base;
+    const float threshold = s->threshold;
+    const float two_price = 2.0f * hp[8];
+    const float alpha = s->alpha;
+    double e_total = 0.0;
+    int64_t c_total = 0;
+    for (int64_t start = 0; start < n; start += SUB) {
+        int64_t stop = start + SUB < n ? start + SUB : n;
+        float e = 0.0f;
+        int32_t c = 0;
+        /* The block rule walks the chunk block segment by block segment, so its keep flag is
+         * loop-invariant: an int64 division per element does not vectorise. */
+        for (int64_t seg = start, seg_end; seg < stop; seg = seg_end) {
+            int keep_block = 1;
+            seg_end = stop;
+            if (rule == BLOCK) {
+                int64_t blk = (offset + seg) / block_size;
+                int64_t blk_end = (blk + 1) * block_size - offset;
+                seg_end = blk_end < stop ? blk_end : stop;
+                keep_block = block_keep[blk];
+            }
+#pragma omp simd reduction(+ : e, c)
+            for (int64_t i = seg; i < seg_end; i++) {
+                float mo = 0.0f, vo = 0.0f, eta;
+                float u = candidate(b, hp, i, kind, has_m, nesterov, residual, &mo, &vo, &eta);
+                float dw;
+                if (rule == DENSE) {
+                    dw = u;
+                } else if (rule == SOFT) {
+                    float t = fabsf(u) - hp[8] * eta;
+                    t = t < 0.0f ? 0.0f : t; /* clamp(min=0); fmaxf would not vectorise */
+                    dw = copysignf(t, u);     /* sign(u) * t; u = 0 gives t = 0 */
+                } else {
+                    int keep;
+                    if (rule == HARD) keep = u * u > two_price * eta;
+                    else if (rule == TOPK) keep = fabsf(u) > threshold;
+                    else if (rule == RANDOM)
+                        keep = (int64_t)(fmix32((uint32_t)(offset + i) ^ base) >> 8) < random_threshold;
+                    else keep = keep_block;
+                    dw = keep ? u : 0.0f;
+                }
+                float p_new = b.p[i] + dw;
+                float d = p_new - b.p[i];
+                /* alpha 1 sums |d|; alpha 0 is the count (taken below); others need powf */
+                e += pow_alpha ? (d != 0.0f ? powf(fabsf(d), alpha) : 0.0f) : fabsf(d);
+                c += d != 0.0f;
+                if (has_m) b.m[i] = mo;
+                if (kind == ADAMW) b.v[i] = vo;
+                if (residual) b.r[i] = u - dw;
+                b.p[i] = p_new;
+                if (pbf) pbf[i] = to_bf16(p_new);
+            }
+        }
+        e_total += (double)e;
+        c_total += c;
+    }
+    *energy = (!pow_alpha && alpha == 0.0f) ? (double)c_total : e_total;
+    *changed = c_total;
+}
+
+/* Block rule, pass 1: squared L2 norm of u_total per block; writes nothing.
+ * The slice [0, n) starts at a block boundary (offset % block_size == 0). */
+static inline __attribute__((always_inline)) void norms(
+        const Step *s, int64_t n, float *out, int kind, int has_m, int nesterov, int residual) {
+    float hp[10];
+    memcpy(hp, s->hp, sizeof hp);
+    const Bufs b = {s->p, s->g, s->m, s->v, s->r};
+    const int64_t bs = s->block_size;
+    for (int64_t blk = 0; blk * bs < n; blk++) {
+        int64_t start = blk * bs, stop = start + bs < n ? start + bs : n;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = start; i < stop; i++) {
+            float mo, vo, eta;
+            float u = candidate(b, hp, i, kind, has_m, nesterov, residual, &mo, &vo, &eta);
+            acc += u * u;
+        }
+        out[blk] = acc;
+    }
+}
+
+/* One instantiation per (kind, momentum, nesterov, residual[, rule, alpha mode]): every loop
+ * is free of branches on these, so it vectorises. CALL(K, M, N, R) returns. */
+#define BY_OPTIMIZER(CALL)                                      \
+    if (kind == ADAMW) {                                        \
+        if (residual) { CALL(ADAMW, 1, 0, 1) } else { CALL(ADAMW, 1, 0, 0) } \
+    }                                                           \
+    if (!has_m) {                                               \
+        if (residual) { CALL(SGD, 0, 0, 1) } else { CALL(SGD, 0, 0, 0) } \
+    }                                                           \
+    if (nesterov) {                                             \
+        if (residual) { CALL(SGD, 1, 1, 1) } else { CALL(SGD, 1, 1, 0) } \
+    }                                                           \
+    if (residual) { CALL(SGD, 1, 0, 1) } else { CALL(SGD, 1, 0, 0) }
+
+#define RUN(K, M, N, R, RULE)                                       \
+    if (pow_alpha) run(s, n, energy, changed, K, M, N, R, RULE, 1); \
+    else run(s, n, energy, changed, K, M, N, R, RULE, 0);           \
+    return 0;
+
+#define BY_RULE(K, M, N, R)                \
+    switch (rule) {                        \
+    case DENSE: RUN(K, M, N, R, DENSE)     \
+    case TOPK: RUN(K, M, N, R, TOPK)       \
+    case HARD: RUN(K, M, N, R, HARD)       \
+    case SOFT: RUN(K, M, N, R, SOFT)       \
+    case RANDOM: RUN(K, M, N, R, RANDOM)   \
+    case BLOCK: RUN(K, M, N, R, BLOCK)     \
+    }                                      \
+    return 1;
+
+#define NORMS(K, M, N, R) norms(s, n, out, K, M, N, R); return 0;
+
+int masked_step(const Step *s, int64_t n, int kind, int has_m, int nesterov, int residual,
+                int rule, double *energy, int64_t *changed) {
+    const int pow_alpha = s->alpha != 1.0f && s->alpha != 0.0f;
+    BY_OPTIMIZER(BY_RULE)
+}
+
+int block_sq_norms(const Step *s, int64_t n, int kind, int has_m, int nesterov, int residual,
+                   float *out) {
+    BY_OPTIMIZER(NORMS)
+}
+
+/* top-k rule: |u_total| at k sampled positions (idx ascending); writes nothing. One loop over
+ * all buffers lets the CPU overlap the cache misses that five separate gathers would serialise. */
+static inline __attribute__((always_inline)) void sample(
+        const Step *s, const int64_t *idx, int64_t k, float *out,
+        int kind, int has_m, int nesterov, int residual) {
+    float hp[10];
+    memcpy(hp, s->hp, sizeof hp);
+    const Bufs b = {s->p, s->g, s->m, s->v, s->r};
+    for (int64_t j = 0; j < k; j++) {
+        float mo, vo, eta;
+        out[j] = fabsf(candidate(b, hp, idx[j], kind, has_m, nesterov, residual, &mo, &vo, &eta));
+    }
+}
+
+#define SAMPLE(K, M, N, R) sample(s, idx, k, out, K, M, N, R); return 0;
+
+int sample_abs_u(const Step *s, const int64_t *idx, int64_t k, int kind, int has_m, int nesterov,
+                 int residual, float *out) {
+    BY_OPTIMIZER(SAMPLE)
+}
