@@ -1,6 +1,7 @@
 """Optimizer-step speed: torch fused AdamW vs the masked step for every selection rule.
 
-    python benchmarks/optimizer_step.py [--params 25000000] [--device cpu|cuda] [--threads 1] [--json]
+    python benchmarks/optimizer_step.py [--params 25000000] [--device cpu|cuda] [--threads 1]
+                                        [--backend auto|native|torch|triton] [--json]
 
 One flat fp32 parameter of N elements with a fixed random gradient. Each rule's step alternates
 with a fused AdamW step on its own copy (warmup also pays torch.compile / Triton autotuning);
@@ -18,6 +19,7 @@ import time
 import torch
 
 from metabolic.kernels import MaskedAdamW
+from metabolic.kernels.optimizer import BACKENDS
 
 RULES = {
     "dense": dict(select="dense"),
@@ -67,7 +69,8 @@ def _prime(opt: torch.optim.Optimizer, p: torch.nn.Parameter) -> None:
     p.grad = g
 
 
-def run(n: int, device: str, warmup: int, repeats: int, names: list[str] | None = None) -> dict:
+def run(n: int, device: str, warmup: int, repeats: int, names: list[str] | None = None,
+        backend: str = "auto") -> dict:
     """Each rule is timed in alternation with its own fused AdamW; ratio = median of paired ratios."""
     rules, fused_all = {}, []
     for name, kw in RULES.items():
@@ -75,7 +78,7 @@ def run(n: int, device: str, warmup: int, repeats: int, names: list[str] | None 
             continue
         p_ref, p = _param(n, device), _param(n, device)
         fused = torch.optim.AdamW([p_ref], lr=1e-3, fused=True)
-        opt = MaskedAdamW([p], lr=1e-3, **kw)
+        opt = MaskedAdamW([p], lr=1e-3, backend=backend, **kw)
         _prime(fused, p_ref)
         _prime(opt, p)
         base, ms = _paired(fused.step, opt.step, device, warmup, repeats)
@@ -87,7 +90,7 @@ def run(n: int, device: str, warmup: int, repeats: int, names: list[str] | None 
         del fused, opt, p, p_ref
         if device == "cuda":
             torch.cuda.empty_cache()
-    return {"params": n, "device": device, "threads": torch.get_num_threads(),
+    return {"params": n, "device": device, "backend": backend, "threads": torch.get_num_threads(),
             "fused_adamw_ms": round(statistics.median(fused_all), 3), "rules": rules}
 
 
@@ -100,6 +103,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--rules", default=",".join(RULES), help="comma list of rules to time")
+    ap.add_argument("--backend", default="auto", choices=[b for b in BACKENDS if b != "reference"],
+                    help="masked step backend (auto: Triton on CUDA, native C step on CPU)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args()
     names = args.rules.split(",")
@@ -108,11 +113,11 @@ def main() -> None:
         ap.error(f"--rules: unknown {unknown}; choose from {list(RULES)}")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    res = run(args.params, args.device, args.warmup, args.repeats, names)
+    res = run(args.params, args.device, args.warmup, args.repeats, names, args.backend)
     if args.json:
         print(json.dumps(res))
         return
-    print(f"{res['params']:,} fp32 params on {res['device']}"
+    print(f"{res['params']:,} fp32 params on {res['device']}, backend {res['backend']}"
           + (f" ({res['threads']} thread(s))" if args.device == "cpu" else ""))
     print(f"{'step':<18}{'ms':>10}{'x fused':>10}{'GB/s':>8}{'kept':>8}")
     print(f"{'fused AdamW':<18}{res['fused_adamw_ms']:>10.2f}{1.0:>10.2f}"

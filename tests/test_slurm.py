@@ -159,5 +159,10 @@ def test_preempted_job_requeues_and_resumes(cluster, jobs, tmp_path):
     assert 5 <= stopped < STEPS
     assert [r["step"] for r in records(out)] == [r["step"] for r in _uninterrupted["records"]]
     got, want = comparable(summary(out)), comparable(_uninterrupted["summary"])
-    differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-    assert got == want, differ
+    # Training is bit-identical (energy sums every step's change exactly). Evaluation of the same
+    # weights once differed by 2.6e-8 in eval/loss: the resumed process holds the weights in
+    # freshly loaded buffers, and BLAS may pick other SIMD paths for other alignments.
+    evals = {k for k in want if k.startswith("eval/")}
+    differ = sorted(k for k in set(got) | set(want) if k not in evals and got.get(k) != want.get(k))
+    assert not differ, differ
+    assert {k: got.get(k) for k in evals} == pytest.approx({k: want[k] for k in evals}, rel=1e-6)
