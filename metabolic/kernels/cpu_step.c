@@ -7,14 +7,20 @@
  *
  * Rounding follows the torch fallback op by op (built with -ffp-contract=off, no fast-math):
  * decisions equal the reference's except at last-ulp ties. Energy is summed per SUB elements
- * in float (SIMD lanes), then in double, per sub-chunk in index order: the total does not
- * depend on how the caller splits the buffer across threads when splits are SUB-aligned.
+ * in float (SIMD lanes), then over the chunks in index order in double: the total does not
+ * depend on the number of threads. Threads come from OpenMP; loaded after torch, this library
+ * shares torch's libgomp (same soname), so it reuses torch's hot worker threads instead of
+ * competing with them.
  *
  * hp: the float scalars in fallback._hp's layout. Built by native.py; loaded through ctypes.
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define SUB 4096
 
@@ -36,6 +42,7 @@ typedef struct {
     uint32_t hash_base;    /* random rule */
     int64_t random_threshold;
     float alpha;
+    int32_t threads;       /* OpenMP threads for the element loops */
 } Step;
 
 static inline uint32_t fmix32(uint32_t h) {
@@ -91,8 +98,9 @@ static inline __attribute__((always_inline)) float candidate(
     return u;
 }
 
+/* Chunks [k0, k1) of SUB elements: the step, and each chunk's energy and count. */
 static inline __attribute__((always_inline)) void run(
-        const Step *s, int64_t n, double *energy, int64_t *changed,
+        const Step *s, int64_t n, int64_t k0, int64_t k1, float *chunk_e, int32_t *chunk_c,
         int kind, int has_m, int nesterov, int residual, int rule, int pow_alpha) {
     float hp[10];
     memcpy(hp, s->hp, sizeof hp);
@@ -104,10 +112,8 @@ static inline __attribute__((always_inline)) void run(
     const float threshold = s->threshold;
     const float two_price = 2.0f * hp[8];
     const float alpha = s->alpha;
-    double e_total = 0.0;
-    int64_t c_total = 0;
-    for (int64_t start = 0; start < n; start += SUB) {
-        int64_t stop = start + SUB < n ? start + SUB : n;
+    for (int64_t k = k0; k < k1; k++) {
+        int64_t start = k * SUB, stop = start + SUB < n ? start + SUB : n;
         float e = 0.0f;
         int32_t c = 0;
         /* The block rule walks the chunk block segment by block segment, so its keep flag is
@@ -153,22 +159,21 @@ static inline __attribute__((always_inline)) void run(
                 if (pbf) pbf[i] = to_bf16(p_new);
             }
         }
-        e_total += (double)e;
-        c_total += c;
+        chunk_e[k] = e;
+        chunk_c[k] = c;
     }
-    *energy = (!pow_alpha && alpha == 0.0f) ? (double)c_total : e_total;
-    *changed = c_total;
 }
 
-/* Block rule, pass 1: squared L2 norm of u_total per block; writes nothing.
- * The slice [0, n) starts at a block boundary (offset % block_size == 0). */
+/* Block rule, pass 1: squared L2 norm of u_total for blocks [k0, k1); writes nothing.
+ * The buffer starts at a block boundary (offset % block_size == 0). */
 static inline __attribute__((always_inline)) void norms(
-        const Step *s, int64_t n, float *out, int kind, int has_m, int nesterov, int residual) {
+        const Step *s, int64_t n, int64_t k0, int64_t k1, float *out,
+        int kind, int has_m, int nesterov, int residual) {
     float hp[10];
     memcpy(hp, s->hp, sizeof hp);
     const Bufs b = {s->p, s->g, s->m, s->v, s->r};
     const int64_t bs = s->block_size;
-    for (int64_t blk = 0; blk * bs < n; blk++) {
+    for (int64_t blk = k0; blk < k1; blk++) {
         int64_t start = blk * bs, stop = start + bs < n ? start + bs : n;
         float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
@@ -195,9 +200,9 @@ static inline __attribute__((always_inline)) void norms(
     }                                                           \
     if (residual) { CALL(SGD, 1, 0, 1) } else { CALL(SGD, 1, 0, 0) }
 
-#define RUN(K, M, N, R, RULE)                                       \
-    if (pow_alpha) run(s, n, energy, changed, K, M, N, R, RULE, 1); \
-    else run(s, n, energy, changed, K, M, N, R, RULE, 0);           \
+#define RUN(K, M, N, R, RULE)                                                  \
+    if (pow_alpha) run(s, n, k0, k1, chunk_e, chunk_c, K, M, N, R, RULE, 1);   \
+    else run(s, n, k0, k1, chunk_e, chunk_c, K, M, N, R, RULE, 0);             \
     return 0;
 
 #define BY_RULE(K, M, N, R)                \
@@ -211,17 +216,75 @@ static inline __attribute__((always_inline)) void norms(
     }                                      \
     return 1;
 
-#define NORMS(K, M, N, R) norms(s, n, out, K, M, N, R); return 0;
+#define NORMS(K, M, N, R) norms(s, n, k0, k1, out, K, M, N, R); return 0;
 
-int masked_step(const Step *s, int64_t n, int kind, int has_m, int nesterov, int residual,
-                int rule, double *energy, int64_t *changed) {
+/* The dispatchers stay out of the OpenMP regions below: GCC outlines a region before inlining,
+ * so a loop written inside one would lose its constant rule and flags and not vectorise. */
+static __attribute__((noinline)) int step_chunks(
+        const Step *s, int64_t n, int64_t k0, int64_t k1, float *chunk_e, int32_t *chunk_c,
+        int kind, int has_m, int nesterov, int residual, int rule) {
     const int pow_alpha = s->alpha != 1.0f && s->alpha != 0.0f;
     BY_OPTIMIZER(BY_RULE)
 }
 
+static __attribute__((noinline)) int norm_blocks(
+        const Step *s, int64_t n, int64_t k0, int64_t k1, float *out,
+        int kind, int has_m, int nesterov, int residual) {
+    BY_OPTIMIZER(NORMS)
+}
+
+/* Items [0, count) split into equal contiguous ranges, one per thread. */
+#ifdef _OPENMP
+#define FOR_THREAD_RANGES(count, threads, k0, k1, BODY)                         \
+    _Pragma("omp parallel num_threads(threads) if (threads > 1)")              \
+    {                                                                           \
+        int64_t t_ = omp_get_thread_num(), nt_ = omp_get_num_threads();         \
+        int64_t k0 = (count) * t_ / nt_, k1 = (count) * (t_ + 1) / nt_;         \
+        BODY;                                                                   \
+    }
+#else
+#define FOR_THREAD_RANGES(count, threads, k0, k1, BODY) \
+    {                                                    \
+        int64_t k0 = 0, k1 = (count);                    \
+        BODY;                                            \
+    }
+#endif
+
+int masked_step(const Step *s, int64_t n, int kind, int has_m, int nesterov, int residual,
+                int rule, double *energy, int64_t *changed) {
+    const int64_t nchunks = (n + SUB - 1) / SUB;
+    float *chunk_e = malloc(sizeof(float) * (nchunks + 1));
+    int32_t *chunk_c = malloc(sizeof(int32_t) * (nchunks + 1));
+    if (!chunk_e || !chunk_c) {
+        free(chunk_e);
+        free(chunk_c);
+        return 2;
+    }
+    int bad = 0;
+    const int threads = s->threads;
+    FOR_THREAD_RANGES(nchunks, threads, k0, k1,
+        if (step_chunks(s, n, k0, k1, chunk_e, chunk_c, kind, has_m, nesterov, residual, rule))
+            bad = 1)
+    double e_total = 0.0;
+    int64_t c_total = 0;
+    for (int64_t k = 0; k < nchunks; k++) {  /* fixed order: independent of the thread count */
+        e_total += (double)chunk_e[k];
+        c_total += chunk_c[k];
+    }
+    free(chunk_e);
+    free(chunk_c);
+    *energy = s->alpha == 0.0f ? (double)c_total : e_total;
+    *changed = c_total;
+    return bad;
+}
+
 int block_sq_norms(const Step *s, int64_t n, int kind, int has_m, int nesterov, int residual,
                    float *out) {
-    BY_OPTIMIZER(NORMS)
+    const int64_t nblocks = (n + s->block_size - 1) / s->block_size;
+    const int threads = s->threads;
+    FOR_THREAD_RANGES(nblocks, threads, k0, k1,
+        norm_blocks(s, n, k0, k1, out, kind, has_m, nesterov, residual))
+    return 0;
 }
 
 /* top-k rule: |u_total| at k sampled positions (idx ascending); writes nothing. One loop over

@@ -6,8 +6,10 @@ for another instruction set. Ranks building at once each write a temporary file 
 into place. Without a compiler, or when the build fails, `available()` is False, the reason is
 logged once, and the "auto" backend uses the torch fallback. METABOLIC_NATIVE=0 disables it.
 
-ctypes releases the GIL during the call, so a large buffer is split across torch's CPU threads
-with a thread pool; splits are SUB-aligned, so the energy does not depend on the split.
+Built with -fopenmp, the library needs libgomp.so.1; torch (imported first) has already loaded
+its own copy under that soname, so both share one OpenMP runtime and one pool of worker threads.
+A large buffer runs on torch.get_num_threads() threads. Where -fopenmp does not build, the step
+runs on one thread.
 """
 
 from __future__ import annotations
@@ -15,13 +17,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -35,13 +35,12 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_step.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd",
          "-fPIC", "-shared"]
-SUB = 4096  # must equal SUB in cpu_step.c
-THREAD_MIN_NUMEL = 1 << 18  # below this one thread is faster than handing work to a pool
+OPENMP = ["-fopenmp"]
+THREAD_MIN_NUMEL = 1 << 18  # below this one thread beats waking the others
 _RULES = {"dense": 0, "topk": 1, "hard": 2, "soft": 3, "random": 4, "block": 5}
 
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
-_pool: ThreadPoolExecutor | None = None
 
 
 class _Step(ctypes.Structure):
@@ -50,7 +49,8 @@ class _Step(ctypes.Structure):
                 ("hp", ctypes.c_void_p), ("block_keep", ctypes.c_void_p),
                 ("block_size", ctypes.c_int64), ("offset", ctypes.c_int64),
                 ("threshold", ctypes.c_float), ("hash_base", ctypes.c_uint32),
-                ("random_threshold", ctypes.c_int64), ("alpha", ctypes.c_float)]
+                ("random_threshold", ctypes.c_int64), ("alpha", ctypes.c_float),
+                ("threads", ctypes.c_int32)]
 
 
 def _cpu_fingerprint() -> str:
@@ -64,8 +64,17 @@ def _cpu_fingerprint() -> str:
 
 
 def _build(cc: str) -> Path:
+    """The cached library, built now if missing: with OpenMP if the toolchain has it."""
+    try:
+        return _build_with(cc, FLAGS + OPENMP)
+    except RuntimeError as exc:
+        log.info("native CPU step: building without OpenMP (one thread): %s", exc)
+        return _build_with(cc, FLAGS)
+
+
+def _build_with(cc: str, flags: list[str]) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), cc, version,
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), cc, version,
                                     _cpu_fingerprint()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("METABOLIC_CACHE", Path.home() / ".cache" / "metabolic"))
     lib = cache / f"cpu_step-{key}.so"
@@ -75,7 +84,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, lib)  # atomic: a rank building at the same time never sees half a file
@@ -125,23 +134,6 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _splits(n: int, align: int) -> list[tuple[int, int]]:
-    """Contiguous align-multiple ranges, one per torch CPU thread, covering [0, n)."""
-    threads = torch.get_num_threads() if n >= THREAD_MIN_NUMEL else 1
-    step = -(-n // threads)
-    step = -(-step // align) * align
-    return [(s, min(s + step, n)) for s in range(0, n, step)] or [(0, 0)]
-
-
-def _map(fn, ranges: list[tuple[int, int]]) -> list:
-    global _pool
-    if len(ranges) == 1:
-        return [fn(*ranges[0])]
-    if _pool is None or _pool._max_workers < len(ranges):
-        _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="metabolic-step")
-    return list(_pool.map(lambda r: fn(*r), ranges))
-
-
 def native_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec,
                 out_bf16: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One masked step on flat fp32 CPU `p` in place; returns 0-d (energy float64, changed int64)."""
@@ -157,14 +149,16 @@ def native_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec,
     for name, t in (("param", p), ("exp_avg", m), ("exp_avg_sq", v), ("residual", r)):
         if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()):
             raise ValueError(f"native step needs contiguous fp32 CPU tensors; {name} is not")
+    if out_bf16 is not None and (out_bf16.dtype != torch.bfloat16 or not out_bf16.is_contiguous()
+                                 or out_bf16.numel() != n or out_bf16.device.type != "cpu"):
+        raise ValueError("native step: out_bf16 must be a contiguous bf16 CPU tensor of p's size")
     hp = _hp(spec, p.device)
     flags = (0 if spec.kind == "adamw" else 1, int(has_m), int(spec.nesterov), int(spec.residual))
     base = dict(p=_ptr(p), g=_ptr(g), m=_ptr(m), v=_ptr(v), r=_ptr(r), pbf=_ptr(out_bf16),
                 hp=_ptr(hp), block_size=spec.block_size, alpha=spec.alpha,
                 hash_base=hash_base(spec.seed, spec.step, spec.salt),
-                random_threshold=spec.random_threshold)
-    keep = None
-    align = SUB
+                random_threshold=spec.random_threshold,
+                threads=torch.get_num_threads() if n >= THREAD_MIN_NUMEL else 1)
     if spec.select == "topk":
         idx = sample_indices(n, spec.seed, spec.step, spec.salt, p.device)
         u_abs = torch.empty(idx.numel(), dtype=torch.float32)
@@ -172,39 +166,13 @@ def native_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec,
                          u_abs.data_ptr())
         base["threshold"] = float(topk_threshold(u_abs, spec.fraction))
     elif spec.select == "block":
-        bs = spec.block_size
-        align = math.lcm(SUB, bs)  # whole blocks and whole energy sub-chunks per thread
-        sq = torch.empty(num_blocks(n, bs), dtype=torch.float32)
-
-        def norms(start: int, stop: int) -> None:
-            s = _Step(**_shift(base, start), offset=start)
-            lib.block_sq_norms(ctypes.byref(s), stop - start, *flags, sq.data_ptr() + 4 * (start // bs))
-
-        _map(norms, _splits(n, align))
-        keep = (sq > block_threshold(sq, spec.fraction)).to(torch.uint8)
+        sq = torch.empty(num_blocks(n, spec.block_size), dtype=torch.float32)
+        lib.block_sq_norms(ctypes.byref(_Step(**base)), n, *flags, sq.data_ptr())
+        keep = (sq > block_threshold(sq, spec.fraction)).to(torch.uint8)  # alive until the step
         base["block_keep"] = keep.data_ptr()
-
-    def step(start: int, stop: int) -> tuple[float, int]:
-        s = _Step(**_shift(base, start), offset=start)
-        e, c = ctypes.c_double(), ctypes.c_int64()
-        if lib.masked_step(ctypes.byref(s), stop - start, *flags, _RULES[spec.select],
-                           ctypes.byref(e), ctypes.byref(c)):
-            raise ValueError(f"native step: unknown rule {spec.select!r}")
-        return e.value, c.value
-
-    parts = _map(step, _splits(n, align))
-    energy = sum(e for e, _ in parts)
-    changed = sum(c for _, c in parts)
-    return torch.tensor(energy, dtype=torch.float64), torch.tensor(changed, dtype=torch.int64)
-
-
-_ELEMENT_BYTES = {"p": 4, "g": 4, "m": 4, "v": 4, "r": 4, "pbf": 2}
-
-
-def _shift(base: dict, start: int) -> dict:
-    """Pointers advanced to element `start` (hp and block_keep are indexed globally)."""
-    out = dict(base)
-    for k, size in _ELEMENT_BYTES.items():
-        if out.get(k) is not None:
-            out[k] += size * start
-    return out
+    e, c = ctypes.c_double(), ctypes.c_int64()
+    err = lib.masked_step(ctypes.byref(_Step(**base)), n, *flags, _RULES[spec.select],
+                          ctypes.byref(e), ctypes.byref(c))
+    if err:
+        raise RuntimeError(f"native masked step failed ({'out of memory' if err == 2 else 'bad rule'})")
+    return torch.tensor(e.value, dtype=torch.float64), torch.tensor(c.value, dtype=torch.int64)
