@@ -37,7 +37,6 @@ typedef struct {
     const float *hp;       /* 10 scalars */
     const uint8_t *block_keep; /* block rule: keep flag per block of the whole buffer */
     int64_t block_size;
-    int64_t offset;        /* index of p[0] within the whole flat buffer */
     float threshold;       /* topk: keep |u| > threshold */
     uint32_t hash_base;    /* random rule */
     int64_t random_threshold;
@@ -107,7 +106,7 @@ static inline __attribute__((always_inline)) void run(
     const Bufs b = {s->p, s->g, s->m, s->v, s->r};
     uint16_t *restrict pbf = s->pbf;
     const uint8_t *restrict block_keep = s->block_keep;
-    const int64_t offset = s->offset, block_size = s->block_size, random_threshold = s->random_threshold;
+    const int64_t block_size = s->block_size, random_threshold = s->random_threshold;
     const uint32_t base = s->hash_base;
     const float threshold = s->threshold;
     const float two_price = 2.0f * hp[8];
@@ -122,8 +121,8 @@ static inline __attribute__((always_inline)) void run(
             int keep_block = 1;
             seg_end = stop;
             if (rule == BLOCK) {
-                int64_t blk = (offset + seg) / block_size;
-                int64_t blk_end = (blk + 1) * block_size - offset;
+                int64_t blk = seg / block_size;
+                int64_t blk_end = (blk + 1) * block_size;
                 seg_end = blk_end < stop ? blk_end : stop;
                 keep_block = block_keep[blk];
             }
@@ -143,7 +142,7 @@ static inline __attribute__((always_inline)) void run(
                     if (rule == HARD) keep = u * u > two_price * eta;
                     else if (rule == TOPK) keep = fabsf(u) > threshold;
                     else if (rule == RANDOM)
-                        keep = (int64_t)(fmix32((uint32_t)(offset + i) ^ base) >> 8) < random_threshold;
+                        keep = (int64_t)(fmix32((uint32_t)i ^ base) >> 8) < random_threshold;
                     else keep = keep_block;
                     dw = keep ? u : 0.0f;
                 }
@@ -164,8 +163,7 @@ static inline __attribute__((always_inline)) void run(
     }
 }
 
-/* Block rule, pass 1: squared L2 norm of u_total for blocks [k0, k1); writes nothing.
- * The buffer starts at a block boundary (offset % block_size == 0). */
+/* Block rule, pass 1: squared L2 norm of u_total for blocks [k0, k1); writes nothing. */
 static inline __attribute__((always_inline)) void norms(
         const Step *s, int64_t n, int64_t k0, int64_t k1, float *out,
         int kind, int has_m, int nesterov, int residual) {

@@ -47,7 +47,7 @@ class _Step(ctypes.Structure):
     _fields_ = [("p", ctypes.c_void_p), ("g", ctypes.c_void_p), ("m", ctypes.c_void_p),
                 ("v", ctypes.c_void_p), ("r", ctypes.c_void_p), ("pbf", ctypes.c_void_p),
                 ("hp", ctypes.c_void_p), ("block_keep", ctypes.c_void_p),
-                ("block_size", ctypes.c_int64), ("offset", ctypes.c_int64),
+                ("block_size", ctypes.c_int64),
                 ("threshold", ctypes.c_float), ("hash_base", ctypes.c_uint32),
                 ("random_threshold", ctypes.c_int64), ("alpha", ctypes.c_float),
                 ("threads", ctypes.c_int32)]
