@@ -1,6 +1,7 @@
 """End-to-end runs of the real CLI: outputs and metric contract, 2 gloo ranks, resume equality."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,17 @@ def test_single_process_run_writes_contract(tmp_path, fmnist):
     proc = metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL)
     assert proc.returncode == 2 and "resume=true" in proc.stderr
     assert (out / "summary.json").read_text() == before
+
+
+def test_progress_bar_total_tightens_under_sample_dropout(tmp_path, fmnist):
+    # 384 samples / 32 = 12 steps per full epoch; pdd_random keeps 0.5^t of them from epoch 1
+    out = tmp_path / "run"
+    proc = ok(metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=3",
+                        "train.progress=true", "data.policy=pdd_random", "data.gamma=0.5"))
+    totals = [int(t) for t in re.findall(r"\d+/(\d+) \[", proc.stderr)]
+    done, last = re.findall(r"(\d+)/(\d+) \[", proc.stderr)[-1]
+    assert totals[0] == 36  # before any dropout: three full epochs
+    assert int(done) == int(last) == summary(out)["step"] == 12 + 6 + 3
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):

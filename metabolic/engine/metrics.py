@@ -6,7 +6,6 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -71,13 +70,19 @@ class MetricsWriter:
 class Progress:
     """A tqdm bar over optimizer steps on rank 0 (silent elsewhere or when disabled)."""
 
-    def __init__(self, enabled: bool, total: Optional[int], initial: int) -> None:
+    def __init__(self, enabled: bool, initial: int) -> None:
         self._bar = None
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
+            self._bar = tqdm(initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
                              mininterval=1.0)
+
+    def set_total(self, total: int) -> None:
+        """The run's expected steps (re-estimated each epoch under sample dropout)."""
+        if self._bar is not None and self._bar.total != total:
+            self._bar.total = total
+            self._bar.refresh()
 
     def update(self, n: int = 1, **postfix) -> None:
         if self._bar is not None:

@@ -132,7 +132,7 @@ class Trainer:
         """Train to the configured length; returns the summary (also written to summary.json)."""
         self._start()
         cfg = self.cfg
-        progress = Progress(self.is_main and cfg.train.progress, cfg.train.max_steps, self.state.step)
+        progress = Progress(self.is_main and cfg.train.progress, self.state.step)
         try:
             while not self.state.done:
                 if self.controller is not None and self.state.micro == 0:  # price this epoch's plan
@@ -144,6 +144,7 @@ class Trainer:
                                             flops=self.flops_per_sample * plan.refreshed)
                 if self.state.micro == 0:
                     self._record_plan(plan)
+                progress.set_total(self._expected_steps(plan))
                 self._train_epoch(plan, progress)
             summary = self._finish()
         finally:
@@ -202,6 +203,15 @@ class Trainer:
         scores = self.task.score(self.engine(x), y)
         module.train(was_training)
         return scores
+
+    def _expected_steps(self, plan: EpochPlan) -> int:
+        """Optimizer steps of the whole run if later epochs keep every sample: exact with full
+        data, an upper bound under sample dropout that tightens as each epoch is planned."""
+        t = self.cfg.train
+        full = -(-len(self.service.table) // (t.micro_batch_size * t.grad_accum * self.info.world_size))
+        this_epoch = (plan.num_micro_batches - self.state.micro) // t.grad_accum
+        total = self.state.step + this_epoch + (t.epochs - plan.epoch - 1) * full
+        return min(total, t.max_steps) if t.max_steps else total
 
     def _progress(self, plan: EpochPlan, m: int) -> float:
         """Fraction of the run done in [0, 1]: by nominal epochs, or by steps against max_steps."""
