@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from metabolic.engine.ledger import EnergyLedger, energy_of
+from metabolic.kernels import native
 
 
 def _train(alpha: float, steps: int = 12, optimizer: str = "adamw"):
@@ -38,7 +39,13 @@ def _train(alpha: float, steps: int = 12, optimizer: str = "adamw"):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_ledger_matches_snapshots_and_bounds_min(alpha, optimizer):
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_ledger_matches_snapshots_and_bounds_min(monkeypatch, alpha, optimizer, path):
+    # native: the C one-pass diff on CPU; torch: what runs elsewhere (GPU, no compiler, bf16)
+    if path == "torch":
+        monkeypatch.setattr(native, "diff_energy", lambda *a: None)
+    elif not native.available():
+        pytest.skip(f"native step not built: {native.unavailable_reason()}")
     got, expected, changed, m_min = _train(alpha, optimizer=optimizer)
     assert got["energy/metabolic"] == pytest.approx(expected, rel=1e-6)
     assert got["energy/changed_weights"] == changed
@@ -52,6 +59,27 @@ def test_energy_of_zero_costs_nothing():
     assert float(energy_of(dw, 0.0)) == 2.0
     assert float(energy_of(dw, 1.0)) == 2.5
     assert float(energy_of(dw, 0.5)) == pytest.approx(0.5 ** 0.5 + 2 ** 0.5)
+
+
+@pytest.mark.skipif(not native.available(), reason="native step not built")
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_native_diff_energy_matches_float64_on_a_large_buffer(monkeypatch, alpha):
+    # 1M elements, 30% changed, split across threads: float32 chunk sums stay within 1e-6
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(1_000_003, generator=gen)
+    b = a.clone()
+    idx = torch.randperm(a.numel(), generator=gen)[:300_000]
+    b[idx] += 1e-3 * torch.randn(300_000, generator=gen)
+    d = (a.double() - b.double())
+    ref = float((d.abs() ** alpha)[d != 0].sum()) if alpha > 0 else float((d != 0).sum())
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        e, c = native.diff_energy(a, b, alpha)
+        results.append((float(e), int(c)))
+        assert float(e) == pytest.approx(ref, rel=1e-6) and int(c) == int(((a - b) != 0).sum())
+    assert results[0] == results[1]  # independent of the thread count
+    assert native.diff_energy(a.double(), b.double(), alpha) is None  # not fp32: torch path
 
 
 def test_replica_chunks_partition_the_weights():

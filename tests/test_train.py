@@ -91,10 +91,12 @@ def test_ledger_matches_full_weight_snapshots_under_zero(tmp_path, fmnist):
                 timeout=500))
     results = json.loads((tmp_path / "ledger_zero.json").read_text())
     assert results["0"]["replicated"] is True and results["2"]["replicated"] is False
+    # Both sides sum fp32 differences in float32 (cascade / per-chunk partials), in different
+    # orders: they agree to ~1e-7; one weight's missing change would be ~1e-4 of the total.
     for stage, r in results.items():
-        assert r["ledger"] == pytest.approx(r["snapshots"], rel=1e-9), stage
+        assert r["ledger"] == pytest.approx(r["snapshots"], rel=1e-6), stage
         assert r["ledger_changed"] == r["snapshots_changed"], stage
-        assert r["ledger_min"] == pytest.approx(r["snapshots_min"], rel=1e-9), stage
+        assert r["ledger_min"] == pytest.approx(r["snapshots_min"], rel=1e-6), stage
         assert r["ledger"] >= r["ledger_min"] > 0
 
 

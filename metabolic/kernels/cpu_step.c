@@ -248,8 +248,12 @@ static __attribute__((noinline)) int norm_blocks(
     }
 #endif
 
-int masked_step(const Step *s, int64_t n, int kind, int has_m, int nesterov, int residual,
-                int rule, double *energy, int64_t *changed) {
+/* Run fn over chunks [0, ceil(n / SUB)) split across threads, then sum the chunks' energy and
+ * count in index order (independent of the thread count). */
+typedef void (*ChunkFn)(const void *ctx, int64_t k0, int64_t k1, float *chunk_e, int32_t *chunk_c);
+
+static int reduce_chunks(ChunkFn fn, const void *ctx, int64_t n, int threads, float alpha,
+                         double *energy, int64_t *changed) {
     const int64_t nchunks = (n + SUB - 1) / SUB;
     float *chunk_e = malloc(sizeof(float) * (nchunks + 1));
     int32_t *chunk_c = malloc(sizeof(int32_t) * (nchunks + 1));
@@ -258,22 +262,37 @@ int masked_step(const Step *s, int64_t n, int kind, int has_m, int nesterov, int
         free(chunk_c);
         return 2;
     }
-    int bad = 0;
-    const int threads = s->threads;
-    FOR_THREAD_RANGES(nchunks, threads, k0, k1,
-        if (step_chunks(s, n, k0, k1, chunk_e, chunk_c, kind, has_m, nesterov, residual, rule))
-            bad = 1)
+    FOR_THREAD_RANGES(nchunks, threads, k0, k1, fn(ctx, k0, k1, chunk_e, chunk_c))
     double e_total = 0.0;
     int64_t c_total = 0;
-    for (int64_t k = 0; k < nchunks; k++) {  /* fixed order: independent of the thread count */
+    for (int64_t k = 0; k < nchunks; k++) {
         e_total += (double)chunk_e[k];
         c_total += chunk_c[k];
     }
     free(chunk_e);
     free(chunk_c);
-    *energy = s->alpha == 0.0f ? (double)c_total : e_total;
+    *energy = alpha == 0.0f ? (double)c_total : e_total;  /* alpha 0: the count */
     *changed = c_total;
-    return bad;
+    return 0;
+}
+
+typedef struct {
+    const Step *s;
+    int64_t n;
+    int kind, has_m, nesterov, residual, rule;
+} StepCall;
+
+static void step_call(const void *ctx, int64_t k0, int64_t k1, float *chunk_e, int32_t *chunk_c) {
+    const StepCall *c = ctx;
+    step_chunks(c->s, c->n, k0, k1, chunk_e, chunk_c, c->kind, c->has_m, c->nesterov,
+                       c->residual, c->rule);
+}
+
+int masked_step(const Step *s, int64_t n, int kind, int has_m, int nesterov, int residual,
+                int rule, double *energy, int64_t *changed) {
+    if (rule < DENSE || rule > BLOCK) return 1;
+    const StepCall call = {s, n, kind, has_m, nesterov, residual, rule};
+    return reduce_chunks(step_call, &call, n, s->threads, s->alpha, energy, changed);
 }
 
 int block_sq_norms(const Step *s, int64_t n, int kind, int has_m, int nesterov, int residual,
@@ -304,4 +323,50 @@ static inline __attribute__((always_inline)) void sample(
 int sample_abs_u(const Step *s, const int64_t *idx, int64_t k, int kind, int has_m, int nesterov,
                  int residual, float *out) {
     BY_OPTIMIZER(SAMPLE)
+}
+
+/* The ledger's measure of a step it did not make: sum |a - b|^alpha and the count of a != b,
+ * in one pass that writes nothing (a = weights after the step, b = the snapshot before). */
+static __attribute__((noinline)) void diff_chunks(
+        const float *restrict a, const float *restrict b, int64_t n, float alpha, int pow_alpha,
+        int64_t k0, int64_t k1, float *chunk_e, int32_t *chunk_c) {
+    for (int64_t k = k0; k < k1; k++) {
+        int64_t start = k * SUB, stop = start + SUB < n ? start + SUB : n;
+        float e = 0.0f;
+        int32_t c = 0;
+        if (pow_alpha) {
+            for (int64_t i = start; i < stop; i++) {
+                float d = a[i] - b[i];
+                e += d != 0.0f ? powf(fabsf(d), alpha) : 0.0f;
+                c += d != 0.0f;
+            }
+        } else {
+#pragma omp simd reduction(+ : e, c)
+            for (int64_t i = start; i < stop; i++) {
+                float d = a[i] - b[i];
+                e += fabsf(d);
+                c += d != 0.0f;
+            }
+        }
+        chunk_e[k] = e;
+        chunk_c[k] = c;
+    }
+}
+
+typedef struct {
+    const float *a, *b;
+    int64_t n;
+    float alpha;
+} DiffCall;
+
+static void diff_call(const void *ctx, int64_t k0, int64_t k1, float *chunk_e, int32_t *chunk_c) {
+    const DiffCall *c = ctx;
+    diff_chunks(c->a, c->b, c->n, c->alpha, c->alpha != 1.0f && c->alpha != 0.0f, k0, k1,
+                chunk_e, chunk_c);
+}
+
+int diff_energy(const float *a, const float *b, int64_t n, float alpha, int threads,
+                double *energy, int64_t *changed) {
+    const DiffCall call = {a, b, n, alpha};
+    return reduce_chunks(diff_call, &call, n, threads, alpha, energy, changed);
 }

@@ -111,7 +111,10 @@ def _load() -> ctypes.CDLL | None:
         lib.block_sq_norms.argtypes = args + [ctypes.c_void_p]
         lib.sample_abs_u.argtypes = [ctypes.POINTER(_Step), ctypes.c_void_p, ctypes.c_int64] + \
             [ctypes.c_int] * 4 + [ctypes.c_void_p]
-        for fn in (lib.masked_step, lib.block_sq_norms, lib.sample_abs_u):
+        lib.diff_energy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                                    ctypes.c_int, ctypes.POINTER(ctypes.c_double),
+                                    ctypes.POINTER(ctypes.c_int64)]
+        for fn in (lib.masked_step, lib.block_sq_norms, lib.sample_abs_u, lib.diff_energy):
             fn.restype = ctypes.c_int
         _lib = lib
     except Exception as exc:  # no toolchain must not stop training: the torch path works
@@ -175,4 +178,20 @@ def native_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec,
                           ctypes.byref(e), ctypes.byref(c))
     if err:
         raise RuntimeError(f"native masked step failed ({'out of memory' if err == 2 else 'bad rule'})")
+    return torch.tensor(e.value, dtype=torch.float64), torch.tensor(c.value, dtype=torch.int64)
+
+
+def diff_energy(after: torch.Tensor, before: torch.Tensor, alpha: float
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(sum |after - before|^alpha float64, count of after != before int64) in one pass, or None
+    when the library is unavailable or the tensors are not contiguous fp32 CPU tensors of one size."""
+    if (_load() is None or after.numel() != before.numel()
+            or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
+                   for t in (after, before))):
+        return None
+    n = after.numel()
+    e, c = ctypes.c_double(), ctypes.c_int64()
+    threads = torch.get_num_threads() if n >= THREAD_MIN_NUMEL else 1
+    if _lib.diff_energy(after.data_ptr(), before.data_ptr(), n, alpha, threads, ctypes.byref(e), ctypes.byref(c)):
+        raise RuntimeError("native diff_energy: out of memory")
     return torch.tensor(e.value, dtype=torch.float64), torch.tensor(c.value, dtype=torch.int64)
