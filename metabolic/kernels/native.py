@@ -81,6 +81,7 @@ def _build_with(cc: str, flags: list[str]) -> Path:
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
+    log.info("building the native CPU masked step (first use, a few seconds): %s", lib)
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
     os.close(fd)
     try:
@@ -185,9 +186,10 @@ def diff_energy(after: torch.Tensor, before: torch.Tensor, alpha: float
                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(sum |after - before|^alpha float64, count of after != before int64) in one pass, or None
     when the library is unavailable or the tensors are not contiguous fp32 CPU tensors of one size."""
-    if (_load() is None or after.numel() != before.numel()
+    if (after.numel() != before.numel()
             or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
-                   for t in (after, before))):
+                   for t in (after, before))
+            or _load() is None):  # checked last: a GPU run never builds the library
         return None
     n = after.numel()
     e, c = ctypes.c_double(), ctypes.c_int64()
