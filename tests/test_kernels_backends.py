@@ -147,6 +147,19 @@ def test_optimizer_without_native_build_uses_torch_fallback(tmp_path, cc, reason
     assert not list(tmp_path.glob("*.so"))  # no half-built library left behind
 
 
+@needs_native
+def test_ranks_building_at_once_share_one_library(tmp_path):
+    # two processes with an empty cache build at the same moment: both load, one file remains
+    code = "from metabolic.kernels import native; assert native.available(), native.unavailable_reason()"
+    env = dict(os.environ, METABOLIC_CACHE=str(tmp_path), PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.glob("cpu_step-*.so")).name]
+
+
 @pytest.fixture(scope="module")
 def interpreted_triton():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
