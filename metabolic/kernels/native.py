@@ -134,6 +134,11 @@ def unavailable_reason() -> str | None:
     return _error
 
 
+def _threads(n: int) -> int:
+    """OpenMP threads for a buffer of n elements: torch's count, or one for small buffers."""
+    return torch.get_num_threads() if n >= THREAD_MIN_NUMEL else 1
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -162,7 +167,7 @@ def native_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec,
                 hp=_ptr(hp), block_size=spec.block_size, alpha=spec.alpha,
                 hash_base=hash_base(spec.seed, spec.step, spec.salt),
                 random_threshold=spec.random_threshold,
-                threads=torch.get_num_threads() if n >= THREAD_MIN_NUMEL else 1)
+                threads=_threads(n))
     if spec.select == "topk":
         idx = sample_indices(n, spec.seed, spec.step, spec.salt, p.device)
         u_abs = torch.empty(idx.numel(), dtype=torch.float32)
@@ -193,7 +198,6 @@ def diff_energy(after: torch.Tensor, before: torch.Tensor, alpha: float
         return None
     n = after.numel()
     e, c = ctypes.c_double(), ctypes.c_int64()
-    threads = torch.get_num_threads() if n >= THREAD_MIN_NUMEL else 1
-    if _lib.diff_energy(after.data_ptr(), before.data_ptr(), n, alpha, threads, ctypes.byref(e), ctypes.byref(c)):
+    if _lib.diff_energy(after.data_ptr(), before.data_ptr(), n, alpha, _threads(n), ctypes.byref(e), ctypes.byref(c)):
         raise RuntimeError("native diff_energy: out of memory")
     return torch.tensor(e.value, dtype=torch.float64), torch.tensor(c.value, dtype=torch.int64)
