@@ -19,6 +19,8 @@ from metabolic.kernels.spec import StepSpec
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ["dense", "topk", "hard", "soft", "random", "block"]
 CASES = list(itertools.product(["adamw", "sgd"], RULES, [0.0, 1.0], [False, True]))
+# a fading residual (residual_decay < 1) with every rule that leaves part of u unapplied
+DECAY_CASES = list(itertools.product(["adamw", "sgd"], ["topk", "hard", "soft", "random", "block"]))
 
 
 def make_spec(kind, rule, alpha, residual, **kw):
@@ -29,8 +31,8 @@ def make_spec(kind, rule, alpha, residual, **kw):
     return StepSpec(**args)
 
 
-def compare(step_fn, kind, rule, alpha, residual, n=70_001, device="cpu", **step_kw):
-    spec = make_spec(kind, rule, alpha, residual)
+def compare(step_fn, kind, rule, alpha, residual, n=70_001, device="cpu", decay=1.0, **step_kw):
+    spec = make_spec(kind, rule, alpha, residual, residual_decay=decay)
     p, g, st = make_case(kind, residual, n)
     p2, g2, st2 = make_case(kind, residual, n, device=device)
     e1, c1 = reference_step(p, g, st, spec)
@@ -45,6 +47,11 @@ def compare(step_fn, kind, rule, alpha, residual, n=70_001, device="cpu", **step
 @pytest.mark.parametrize("kind,rule,alpha,residual", CASES)
 def test_fallback_eager_matches_reference(kind, rule, alpha, residual):
     compare(fallback_step, kind, rule, alpha, residual, compile=False)
+
+
+@pytest.mark.parametrize("kind,rule", DECAY_CASES)
+def test_fallback_eager_fading_residual_matches_reference(kind, rule):
+    compare(fallback_step, kind, rule, 1.0, True, decay=0.5, compile=False)
 
 
 def test_fallback_eager_chunking_covers_odd_sizes():
@@ -86,6 +93,13 @@ needs_native = pytest.mark.skipif(bool(_native_reason()), reason=f"native step n
 def test_native_matches_reference(kind, rule, alpha, residual):
     from metabolic.kernels.native import native_step
     compare(native_step, kind, rule, alpha, residual)
+
+
+@needs_native
+@pytest.mark.parametrize("kind,rule", DECAY_CASES)
+def test_native_fading_residual_matches_reference(kind, rule):
+    from metabolic.kernels.native import native_step
+    compare(native_step, kind, rule, 1.0, True, decay=0.5)
 
 
 @needs_native
@@ -180,6 +194,14 @@ def test_interpreted_triton_matches_reference(interpreted_triton, kind, rule, al
     assert r["bf16_ulps"] <= 1
 
 
+@pytest.mark.parametrize("kind,rule", DECAY_CASES)
+def test_interpreted_triton_fading_residual_matches_reference(interpreted_triton, kind, rule):
+    r = interpreted_triton[f"{kind}-{rule}-a1-r1-d0.5"]
+    assert r["p_err"] <= 1e-6 and r["state_err"] <= 1e-6
+    assert r["changed"] == r["changed_ref"]
+    assert r["energy"] == pytest.approx(r["energy_ref"], rel=1e-5)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -189,6 +211,14 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_triton_matches_reference(kind, rule, alpha, residual):
     from metabolic.kernels.triton_step import triton_step
     compare(triton_step, kind, rule, alpha, residual, n=1_000_003, device="cuda")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("kind,rule", DECAY_CASES)
+def test_cuda_triton_fading_residual_matches_reference(kind, rule):
+    from metabolic.kernels.triton_step import triton_step
+    compare(triton_step, kind, rule, 1.0, True, n=1_000_003, device="cuda", decay=0.5)
 
 
 @pytest.mark.gpu

@@ -75,6 +75,33 @@ def test_residual_conserves_candidate_update(kind, rule):
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("rule", ["topk", "hard", "soft"])
+def test_fading_residual_keeps_decay_times_the_unapplied_part(kind, rule):
+    p, g, state = make_case(kind, residual=True)
+    spec = spec_for(kind, rule, residual=True, residual_decay=0.25)
+    u, _ = candidate(kind, p, g, state, spec)
+    old_r = state["residual"].double().clone()
+    before = p.clone()
+    reference_step(p, g, state, spec)
+    unapplied = u + old_r - (p - before).double()
+    assert unapplied.abs().max() > 0  # the rule left something out
+    torch.testing.assert_close(state["residual"].double(), 0.25 * unapplied, atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_residual_decay_zero_is_no_residual(kind):
+    # decay 0 forgets every unapplied part at once: the same steps as discarding them
+    p, g, state = make_case(kind, residual=True)
+    state["residual"].zero_()
+    p2, state2 = p.clone(), {k: v.clone() for k, v in state.items() if k != "residual"}
+    for step in (1, 2, 3):
+        reference_step(p, g, state, spec_for(kind, "hard", residual=True, residual_decay=0.0, step=step))
+        reference_step(p2, g, state2, spec_for(kind, "hard", step=step))
+        assert torch.equal(p, p2)
+        assert not state["residual"].any()
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_soft_and_hard_follow_the_per_coordinate_rules(kind):
     for rule in ("soft", "hard"):
         p, g, state = make_case(kind, residual=False)

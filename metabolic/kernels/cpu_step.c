@@ -34,7 +34,7 @@ typedef struct {
     float *v;              /* exp_avg_sq; adamw only */
     float *r;              /* residual; NULL without */
     uint16_t *pbf;         /* bf16 copy of the new params; NULL without */
-    const float *hp;       /* 10 scalars */
+    const float *hp;       /* 11 scalars, laid out as fallback._hp */
     const uint8_t *block_keep; /* block rule: keep flag per block of the whole buffer */
     int64_t block_size;
     float threshold;       /* topk: keep |u| > threshold */
@@ -101,7 +101,7 @@ static inline __attribute__((always_inline)) float candidate(
 static inline __attribute__((always_inline)) void run(
         const Step *s, int64_t n, int64_t k0, int64_t k1, float *chunk_e, int32_t *chunk_c,
         int kind, int has_m, int nesterov, int residual, int rule, int pow_alpha) {
-    float hp[10];
+    float hp[11];
     memcpy(hp, s->hp, sizeof hp);
     const Bufs b = {s->p, s->g, s->m, s->v, s->r};
     uint16_t *restrict pbf = s->pbf;
@@ -153,7 +153,7 @@ static inline __attribute__((always_inline)) void run(
                 c += d != 0.0f;
                 if (has_m) b.m[i] = mo;
                 if (kind == ADAMW) b.v[i] = vo;
-                if (residual) b.r[i] = u - dw;
+                if (residual) b.r[i] = hp[10] * (u - dw); /* residual_decay; 1 is exact */
                 b.p[i] = p_new;
                 if (pbf) pbf[i] = to_bf16(p_new);
             }

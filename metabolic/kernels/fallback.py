@@ -49,11 +49,12 @@ def _hp(spec: StepSpec, device: torch.device) -> torch.Tensor:
     if spec.kind == "adamw":
         vals = [spec.lr, spec.weight_decay, 1.0 - spec.beta1, spec.beta2, 1.0 - spec.beta2,
                 spec.eps, spec.lr / spec.bias_correction1, 1.0 / spec.bias_correction2_sqrt,
-                spec.price, spec.beta1]
+                spec.price, spec.beta1, spec.residual_decay]
     else:
         a = 0.0 if spec.first else spec.momentum
         b = 1.0 if spec.first else 1.0 - spec.dampening
-        vals = [spec.lr, spec.weight_decay, a, b, spec.momentum, 0.0, 0.0, 0.0, spec.price, 0.0]
+        vals = [spec.lr, spec.weight_decay, a, b, spec.momentum, 0.0, 0.0, 0.0, spec.price, 0.0,
+                spec.residual_decay]
     return torch.tensor(vals, dtype=torch.float32, device=device)
 
 
@@ -118,7 +119,7 @@ def _fused(p, g, m, v, r, pbf, dw_out, hp, hi, aux, offset: int, kind: str, has_
     if v_new is not None:
         v.copy_(v_new)
     if residual:
-        r.copy_(u - dw)
+        r.copy_(hp[10] * (u - dw))
     p.copy_(p_new)
     if pbf is not None:
         pbf.copy_(p_new.to(torch.bfloat16))

@@ -17,7 +17,11 @@ One step on a flat fp32 buffer p with gradient g:
             d = buf (or d + momentum * buf with nesterov);  u = -lr * d,  eta = lr
 3. With residual mode, u_total = u + r (unselected updates of earlier steps), else u_total = u.
 4. Select dw from u_total (see `select_update`), apply p_new = p + dw.
-5. With residual mode, r_new = u_total - dw, so dw + r_new == u + r_old (nothing is lost).
+5. With residual mode, r_new = residual_decay * (u_total - dw). With decay 1 (the default)
+   dw + r_new == u + r_old: nothing is lost (error feedback). Below 1 the unapplied part fades
+   with a time constant of 1 / (1 - decay) steps, like the decaying transient weight of
+   synaptic caching (RESEARCH.md section 1): a small update that keeps its sign builds up until
+   it is selected, one whose sign flips cancels and fades without ever being paid for.
 6. Energy of the APPLIED change, measured as d = p_new - p_old in fp32:
      metabolic = sum_i |d_i|^alpha  over d_i != 0 (0^0 := 0: an unchanged weight costs nothing),
      changed   = count of d_i != 0.
@@ -105,7 +109,7 @@ def reference_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec
         energy = float(torch.where(nonzero, d.abs().double() ** spec.alpha, 0.0).sum())
     changed = int(nonzero.sum())
     if spec.residual:
-        state["residual"].copy_(u_total - dw)
+        state["residual"].copy_(spec.residual_decay * (u_total - dw))
     p.copy_(p_new)
     if out_bf16 is not None:
         out_bf16.copy_(p_new.to(torch.bfloat16))

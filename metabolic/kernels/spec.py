@@ -42,6 +42,12 @@ def validate_selection(select: str, fraction: float, price: float, alpha: float,
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
+def validate_residual_decay(decay: float) -> None:
+    """Raise ValueError unless decay is a number in [0, 1]."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0.0 <= float(decay) <= 1.0):
+        raise ValueError(f"residual_decay must be in [0, 1], got {decay!r}")
+
+
 @dataclass
 class StepSpec:
     """Scalars of one masked step on one flat buffer.
@@ -69,6 +75,7 @@ class StepSpec:
     price: float = 0.0
     alpha: float = 1.0
     residual: bool = False
+    residual_decay: float = 1.0
     block_size: int = 4096
     seed: int = 0
     salt: int = 0
@@ -78,6 +85,7 @@ class StepSpec:
         if self.kind not in OPTIMIZER_KINDS:
             raise ValueError(f"kind must be one of {OPTIMIZER_KINDS}, got {self.kind!r}")
         validate_selection(self.select, self.fraction, self.price, self.alpha, self.block_size)
+        validate_residual_decay(self.residual_decay)
 
     @property
     def bias_correction1(self) -> float:
