@@ -15,6 +15,7 @@ from metabolic.engine.config import ConfigError, load_config
     ("data.limit=0", "data.limit"),
     ("train.micro_batch_size=0", "train.micro_batch_size"),
     ("nonsense=1", "nonsense"),
+    ("optimizer.residual_decay=0.9", "optimizer.residual_decay"),  # no residual to decay
 ])
 def test_bad_override_names_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -48,3 +49,11 @@ def test_cli_bad_yaml_key(tmp_path):
     proc = metabolic("train", str(bad), f"output_dir={tmp_path / 'out'}", timeout=120)
     assert proc.returncode == 2 and "train.epocs" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_residual_decay_range_names_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG, ["optimizer.residual=true", "optimizer.residual_decay=1.5"])
+    assert "'optimizer.residual_decay'" in str(err.value) and "in [0, 1]" in str(err.value)
+    cfg = load_config(CONFIG, ["optimizer.residual=true", "optimizer.residual_decay=0.9"])
+    assert cfg.optimizer.residual_decay == 0.9

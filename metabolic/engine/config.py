@@ -153,6 +153,8 @@ class OptimizerConfig:
     """Energy price lambda for the hard/soft threshold rules."""
     residual: bool = False
     """Keep unselected updates in a residual added to the next step (error feedback)."""
+    residual_decay: float = 1.0
+    """Fraction of the residual kept per step: 1 keeps all, below 1 it fades (synaptic caching)."""
     block_size: int = 4096
     """Contiguous elements per block for select=block."""
 
@@ -279,6 +281,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(0 < o.fraction <= 1, "optimizer.fraction", o.fraction, "in (0, 1]")
     _check(o.price >= 0, "optimizer.price", o.price, ">= 0")
     _check(o.block_size >= 1, "optimizer.block_size", o.block_size, ">= 1")
+    _check(0 <= o.residual_decay <= 1, "optimizer.residual_decay", o.residual_decay, "in [0, 1]")
+    _check(o.residual or o.residual_decay == 1, "optimizer.residual_decay", o.residual_decay,
+           "1 unless optimizer.residual is true (there is no residual to decay)")
     _check(not o.name.startswith(("adamw", "sgd")) or o.select == "dense", "optimizer.select", o.select,
            "dense for the plain torch optimizers (use masked_adamw or masked_sgd to select weights)")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", cfg.deepspeed.zero_stage,
