@@ -36,14 +36,15 @@ def settings(residuals: list[bool]) -> list[tuple[str, list[str]]]:
 
 
 def parse_setting(name: str) -> tuple[str, list[str]]:
-    """'topk 0.1+res' -> overrides; any rule and value, not only the sweep's grid."""
+    """'topk 0.1+res' -> overrides; '+res0.9' adds residual_decay 0.9; any rule and value."""
     rule, _, value = name.strip().partition(" ")
-    res = value.endswith("+res")
-    value = value.removesuffix("+res")
+    value, res, decay = value.partition("+res")
     if rule == "dense":
         return "dense", []
     key = "optimizer.fraction" if rule in ("topk", "random", "block") else "optimizer.price"
-    flags = MASKED + [f"optimizer.residual={str(res).lower()}", f"optimizer.select={rule}", f"{key}={value}"]
+    flags = MASKED + [f"optimizer.residual={str(bool(res)).lower()}", f"optimizer.select={rule}", f"{key}={value}"]
+    if decay:
+        flags.append(f"optimizer.residual_decay={decay}")
     return name.strip(), flags
 
 
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "fmnist_cnn.yaml"))
     parser.add_argument("--no-residual", action="store_true", help="skip the residual variants")
     parser.add_argument("--only", default=None,
-                        help="comma list of extra settings to run after dense, e.g. 'topk 0.1+res,hard 3e-07'")
+                        help="comma list of extra settings to run after dense, e.g. 'topk 0.1+res,hard 1e-05+res0.9'")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
