@@ -21,6 +21,9 @@ RULES = ["dense", "topk", "hard", "soft", "random", "block"]
 CASES = list(itertools.product(["adamw", "sgd"], RULES, [0.0, 1.0], [False, True]))
 # a fading residual (residual_decay < 1) with every rule that leaves part of u unapplied
 DECAY_CASES = list(itertools.product(["adamw", "sgd"], ["topk", "hard", "soft", "random", "block"]))
+# soft with a fee per changed weight: (kind, residual, residual_decay)
+COUNT_PRICE_CASES = [("adamw", False, 1.0), ("adamw", True, 1.0), ("sgd", False, 1.0), ("sgd", True, 0.5)]
+COUNT_PRICE = 3e-6
 
 
 def make_spec(kind, rule, alpha, residual, **kw):
@@ -31,8 +34,9 @@ def make_spec(kind, rule, alpha, residual, **kw):
     return StepSpec(**args)
 
 
-def compare(step_fn, kind, rule, alpha, residual, n=70_001, device="cpu", decay=1.0, **step_kw):
-    spec = make_spec(kind, rule, alpha, residual, residual_decay=decay)
+def compare(step_fn, kind, rule, alpha, residual, n=70_001, device="cpu", decay=1.0, count_price=0.0,
+            **step_kw):
+    spec = make_spec(kind, rule, alpha, residual, residual_decay=decay, count_price=count_price)
     p, g, st = make_case(kind, residual, n)
     p2, g2, st2 = make_case(kind, residual, n, device=device)
     e1, c1 = reference_step(p, g, st, spec)
@@ -52,6 +56,11 @@ def test_fallback_eager_matches_reference(kind, rule, alpha, residual):
 @pytest.mark.parametrize("kind,rule", DECAY_CASES)
 def test_fallback_eager_fading_residual_matches_reference(kind, rule):
     compare(fallback_step, kind, rule, 1.0, True, decay=0.5, compile=False)
+
+
+@pytest.mark.parametrize("kind,residual,decay", COUNT_PRICE_CASES)
+def test_fallback_eager_count_price_matches_reference(kind, residual, decay):
+    compare(fallback_step, kind, "soft", 1.0, residual, decay=decay, count_price=COUNT_PRICE, compile=False)
 
 
 def test_fallback_eager_chunking_covers_odd_sizes():
@@ -100,6 +109,13 @@ def test_native_matches_reference(kind, rule, alpha, residual):
 def test_native_fading_residual_matches_reference(kind, rule):
     from metabolic.kernels.native import native_step
     compare(native_step, kind, rule, 1.0, True, decay=0.5)
+
+
+@needs_native
+@pytest.mark.parametrize("kind,residual,decay", COUNT_PRICE_CASES)
+def test_native_count_price_matches_reference(kind, residual, decay):
+    from metabolic.kernels.native import native_step
+    compare(native_step, kind, "soft", 1.0, residual, decay=decay, count_price=COUNT_PRICE)
 
 
 @needs_native
@@ -202,6 +218,14 @@ def test_interpreted_triton_fading_residual_matches_reference(interpreted_triton
     assert r["energy"] == pytest.approx(r["energy_ref"], rel=1e-5)
 
 
+@pytest.mark.parametrize("kind,residual,decay", COUNT_PRICE_CASES)
+def test_interpreted_triton_count_price_matches_reference(interpreted_triton, kind, residual, decay):
+    r = interpreted_triton[f"{kind}-soft-a1-r{int(residual)}-d{decay:g}-c{COUNT_PRICE:g}"]
+    assert r["p_err"] <= 1e-6 and r["state_err"] <= 1e-6
+    assert r["changed"] == r["changed_ref"]
+    assert r["energy"] == pytest.approx(r["energy_ref"], rel=1e-5)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -219,6 +243,15 @@ def test_cuda_triton_matches_reference(kind, rule, alpha, residual):
 def test_cuda_triton_fading_residual_matches_reference(kind, rule):
     from metabolic.kernels.triton_step import triton_step
     compare(triton_step, kind, rule, 1.0, True, n=1_000_003, device="cuda", decay=0.5)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("kind,residual,decay", COUNT_PRICE_CASES)
+def test_cuda_triton_count_price_matches_reference(kind, residual, decay):
+    from metabolic.kernels.triton_step import triton_step
+    compare(triton_step, kind, "soft", 1.0, residual, n=1_000_003, device="cuda", decay=decay,
+            count_price=COUNT_PRICE)
 
 
 @pytest.mark.gpu

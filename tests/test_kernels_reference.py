@@ -102,6 +102,33 @@ def test_residual_decay_zero_is_no_residual(kind):
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_soft_count_price_minimises_the_two_part_price(kind):
+    # per coordinate: argmin (dw - u)^2 / (2 eta) + price |dw| + count_price [dw != 0]
+    p, g, state = make_case(kind, residual=False)
+    spec = spec_for(kind, "soft", count_price=3e-6)
+    u, eta = candidate(kind, p, g, state, spec)
+    before = p.clone()
+    _, changed = reference_step(p, g, state, spec)
+    applied = (p - before).double()
+    t = (u.abs() - spec.price * eta).clamp(min=0)
+
+    def cost(dw):
+        return (dw - u) ** 2 / (2 * eta) + spec.price * dw.abs() + spec.count_price * (dw != 0)
+
+    best = torch.minimum(cost(torch.zeros_like(u)), cost(torch.sign(u) * t))
+    assert (cost(applied) - best).abs().max() <= 1e-9  # the applied change is a minimiser
+    plain = int((t > 0).sum())
+    assert 0 < changed < plain  # the fee holds back some of the updates plain soft makes
+
+
+def test_count_price_only_with_soft():
+    with pytest.raises(ValueError, match="count_price applies to select='soft'"):
+        spec_for("adamw", "hard", count_price=1e-6)
+    with pytest.raises(ValueError, match="count_price must be"):
+        spec_for("adamw", "soft", count_price=-1.0)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_soft_and_hard_follow_the_per_coordinate_rules(kind):
     for rule in ("soft", "hard"):
         p, g, state = make_case(kind, residual=False)

@@ -34,7 +34,7 @@ typedef struct {
     float *v;              /* exp_avg_sq; adamw only */
     float *r;              /* residual; NULL without */
     uint16_t *pbf;         /* bf16 copy of the new params; NULL without */
-    const float *hp;       /* 11 scalars, laid out as fallback._hp */
+    const float *hp;       /* 12 scalars, laid out as fallback._hp */
     const uint8_t *block_keep; /* block rule: keep flag per block of the whole buffer */
     int64_t block_size;
     float threshold;       /* topk: keep |u| > threshold */
@@ -101,7 +101,7 @@ static inline __attribute__((always_inline)) float candidate(
 static inline __attribute__((always_inline)) void run(
         const Step *s, int64_t n, int64_t k0, int64_t k1, float *chunk_e, int32_t *chunk_c,
         int kind, int has_m, int nesterov, int residual, int rule, int pow_alpha) {
-    float hp[11];
+    float hp[12];
     memcpy(hp, s->hp, sizeof hp);
     const Bufs b = {s->p, s->g, s->m, s->v, s->r};
     uint16_t *restrict pbf = s->pbf;
@@ -110,6 +110,7 @@ static inline __attribute__((always_inline)) void run(
     const uint32_t base = s->hash_base;
     const float threshold = s->threshold;
     const float two_price = 2.0f * hp[8];
+    const float two_count_price = 2.0f * hp[11];
     const float alpha = s->alpha;
     for (int64_t k = k0; k < k1; k++) {
         int64_t start = k * SUB, stop = start + SUB < n ? start + SUB : n;
@@ -136,7 +137,8 @@ static inline __attribute__((always_inline)) void run(
                 } else if (rule == SOFT) {
                     float t = fabsf(u) - hp[8] * eta;
                     t = t < 0.0f ? 0.0f : t; /* clamp(min=0); fmaxf would not vectorise */
-                    dw = copysignf(t, u);     /* sign(u) * t; u = 0 gives t = 0 */
+                    /* sign(u) * t (u = 0 gives t = 0), kept when its gain covers count_price */
+                    dw = t * t >= two_count_price * eta ? copysignf(t, u) : 0.0f;
                 } else {
                     int keep;
                     if (rule == HARD) keep = u * u > two_price * eta;

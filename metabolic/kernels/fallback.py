@@ -49,12 +49,12 @@ def _hp(spec: StepSpec, device: torch.device) -> torch.Tensor:
     if spec.kind == "adamw":
         vals = [spec.lr, spec.weight_decay, 1.0 - spec.beta1, spec.beta2, 1.0 - spec.beta2,
                 spec.eps, spec.lr / spec.bias_correction1, 1.0 / spec.bias_correction2_sqrt,
-                spec.price, spec.beta1, spec.residual_decay]
+                spec.price, spec.beta1, spec.residual_decay, spec.count_price]
     else:
         a = 0.0 if spec.first else spec.momentum
         b = 1.0 if spec.first else 1.0 - spec.dampening
         vals = [spec.lr, spec.weight_decay, a, b, spec.momentum, 0.0, 0.0, 0.0, spec.price, 0.0,
-                spec.residual_decay]
+                spec.residual_decay, spec.count_price]
     return torch.tensor(vals, dtype=torch.float32, device=device)
 
 
@@ -94,7 +94,8 @@ def _fused(p, g, m, v, r, pbf, dw_out, hp, hi, aux, offset: int, kind: str, has_
     if rule == "dense":
         dw = u
     elif rule == "soft":
-        dw = torch.sign(u) * torch.clamp(u.abs() - hp[8] * eta, min=0.0)
+        t = torch.clamp(u.abs() - hp[8] * eta, min=0.0)
+        dw = torch.where(t * t >= 2.0 * hp[11] * eta, torch.sign(u) * t, torch.zeros_like(u))
     else:
         if rule == "hard":
             keep = u * u > 2.0 * hp[8] * eta

@@ -22,7 +22,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from .spec import SELECT_RULES, StepSpec, validate_residual_decay, validate_selection
+from .spec import (SELECT_RULES, StepSpec, validate_count_price, validate_residual_decay,
+                   validate_selection)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         if not isinstance(group["residual"], bool):
             raise ValueError(f"residual must be a bool, got {group['residual']!r}")
         validate_residual_decay(group["residual_decay"])
+        validate_count_price(group["count_price"], group["select"])
 
     # -- bf16 output copies -----------------------------------------------------------------
     def attach_bf16_copy(self, param: torch.Tensor, copy: torch.Tensor) -> None:
@@ -164,6 +166,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                                 fraction=float(group["fraction"]), price=float(group["price"]),
                                 alpha=float(group["alpha"]), residual=group["residual"],
                                 residual_decay=float(group["residual_decay"]),
+                                count_price=float(group["count_price"]),
                                 block_size=group["block_size"], seed=group["seed"], salt=salt,
                                 step=state["step"], **self._spec_args(group, state["step"]))
                 flat_p = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
@@ -199,7 +202,8 @@ class MaskedAdamW(_MaskedOptimizer):
     for hard/soft, in units of the coordinate's step size eta_i = lr / (sqrt(v_hat_i) + eps).
     alpha: exponent of the energy sum |dw|^alpha. residual: keep unselected updates and add
     them next step; residual_decay: the fraction of the residual kept per step (1 keeps all,
-    below 1 it fades, as synaptic caching's transient weight does). backend: "auto" (Triton on CUDA; on CPU the native C step, or the torch
+    below 1 it fades, as synaptic caching's transient weight does). count_price: with soft, a
+    fee per changed weight on top of price per unit of change. backend: "auto" (Triton on CUDA; on CPU the native C step, or the torch
     fallback without a C compiler), "reference", "torch", "native" or "triton".
     """
 
@@ -209,7 +213,7 @@ class MaskedAdamW(_MaskedOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, select: str = "dense",
                  fraction: float = 1.0, price: float = 0.0, alpha: float = 1.0,
                  residual: bool = False, block_size: int = 4096, seed: int = 0,
-                 backend: str = "auto", residual_decay: float = 1.0) -> None:
+                 backend: str = "auto", residual_decay: float = 1.0, count_price: float = 0.0) -> None:
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2
                 and all(0.0 <= b < 1.0 for b in betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -217,8 +221,8 @@ class MaskedAdamW(_MaskedOptimizer):
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         select=select, fraction=fraction, price=price, alpha=alpha,
-                        residual=residual, residual_decay=residual_decay, block_size=block_size,
-                        seed=seed, backend=backend)
+                        residual=residual, residual_decay=residual_decay, count_price=count_price,
+                        block_size=block_size, seed=seed, backend=backend)
         super().__init__(params, defaults)
 
     def _buffers(self, group: dict) -> tuple[str, ...]:
@@ -240,7 +244,8 @@ class MaskedSGD(_MaskedOptimizer):
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
                  select: str = "dense", fraction: float = 1.0, price: float = 0.0,
                  alpha: float = 1.0, residual: bool = False, block_size: int = 4096,
-                 seed: int = 0, backend: str = "auto", residual_decay: float = 1.0) -> None:
+                 seed: int = 0, backend: str = "auto", residual_decay: float = 1.0,
+                 count_price: float = 0.0) -> None:
         if momentum < 0.0:
             raise ValueError(f"momentum must be >= 0, got {momentum!r}")
         if nesterov and (momentum <= 0.0 or dampening != 0.0):
@@ -248,7 +253,7 @@ class MaskedSGD(_MaskedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, select=select, fraction=fraction, price=price,
                         alpha=alpha, residual=residual, residual_decay=residual_decay,
-                        block_size=block_size, seed=seed, backend=backend)
+                        count_price=count_price, block_size=block_size, seed=seed, backend=backend)
         super().__init__(params, defaults)
 
     def _buffers(self, group: dict) -> tuple[str, ...]:

@@ -65,8 +65,12 @@ def select_update(u_total: torch.Tensor, eta: torch.Tensor, spec: StepSpec) -> t
     if rule == "dense":
         return u_total.clone()
     if rule == "soft":
-        # argmin_dw  -u*dw/eta + dw^2/(2 eta) + price*|dw|  ->  shrink |u| by price*eta
-        return torch.sign(u_total) * torch.clamp(u_total.abs() - spec.price * eta, min=0.0)
+        # argmin_dw  -u*dw/eta + dw^2/(2 eta) + price*|dw| + count_price*[dw != 0]:
+        # shrink |u| by price*eta, then keep the shrunk update only when its gain
+        # t^2/(2 eta) covers the fee for changing the weight at all (count_price 0: plain soft)
+        t = torch.clamp(u_total.abs() - spec.price * eta, min=0.0)
+        keep = t * t >= 2.0 * spec.count_price * eta
+        return torch.where(keep, torch.sign(u_total) * t, zero)
     if rule == "hard":
         # keep u when its gain u^2/(2 eta) exceeds the price (written without the division)
         keep = u_total * u_total > 2.0 * spec.price * eta

@@ -42,6 +42,16 @@ def validate_selection(select: str, fraction: float, price: float, alpha: float,
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
+def validate_count_price(count_price: float, select: str) -> None:
+    """Raise ValueError unless count_price is a finite number >= 0, and 0 outside the soft rule."""
+    if isinstance(count_price, bool) or not isinstance(count_price, (int, float)) \
+            or not math.isfinite(count_price) or count_price < 0.0:
+        raise ValueError(f"count_price must be a finite number >= 0, got {count_price!r}")
+    if count_price and select != "soft":
+        raise ValueError(f"count_price applies to select='soft' only (hard's price is already per "
+                         f"change), got select={select!r}")
+
+
 def validate_residual_decay(decay: float) -> None:
     """Raise ValueError unless decay is a number in [0, 1]."""
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0.0 <= float(decay) <= 1.0):
@@ -76,6 +86,7 @@ class StepSpec:
     alpha: float = 1.0
     residual: bool = False
     residual_decay: float = 1.0
+    count_price: float = 0.0
     block_size: int = 4096
     seed: int = 0
     salt: int = 0
@@ -86,6 +97,7 @@ class StepSpec:
             raise ValueError(f"kind must be one of {OPTIMIZER_KINDS}, got {self.kind!r}")
         validate_selection(self.select, self.fraction, self.price, self.alpha, self.block_size)
         validate_residual_decay(self.residual_decay)
+        validate_count_price(self.count_price, self.select)
 
     @property
     def bias_correction1(self) -> float:

@@ -96,7 +96,7 @@ def _candidate(p, g, m, v, r, lr, wd, c1, c2, c3, eps, step_size, bc2_sqrt, mom_
 def _masked_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, pbf_ptr, thr_ptr, keep_ptr, hi_ptr,
                         part_e_ptr, part_c_ptr, n, size_class,
                         lr, wd, c1, c2, c3, eps, step_size, bc2_sqrt, price, mom_a, mom_b, mom,
-                        alpha, block_size, decay,
+                        alpha, block_size, decay, count_price,
                         KIND: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
                         RESIDUAL: tl.constexpr, RULE: tl.constexpr, ALPHA_MODE: tl.constexpr,
                         HAS_BF16: tl.constexpr, BLOCK: tl.constexpr):
@@ -112,7 +112,8 @@ def _masked_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, pbf_ptr, thr_ptr, kee
         dw = u
     elif RULE == 3:
         sign = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
-        dw = sign * tl.maximum(tl.abs(u) - price * eta, 0.0)
+        t = tl.maximum(tl.abs(u) - price * eta, 0.0)
+        dw = tl.where(t * t >= 2.0 * count_price * eta, sign * t, zero)
     else:
         if RULE == 1:
             keep = tl.abs(u) > tl.load(thr_ptr)
@@ -233,7 +234,7 @@ def triton_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec,
             dummy if r is None else r, dummy if out_bf16 is None else out_bf16,
             thr, keep, hi, part_e, part_c, n, triton.next_power_of_2(n))
     kw = dict(**sc, price=spec.price, alpha=float(spec.alpha), block_size=spec.block_size,
-              decay=float(spec.residual_decay),
+              decay=float(spec.residual_decay), count_price=float(spec.count_price),
               RULE=RULE_IDS[spec.select], ALPHA_MODE=alpha_mode, HAS_BF16=out_bf16 is not None,
               **flags)
     if block is None and _interpreting():
