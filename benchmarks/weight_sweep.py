@@ -36,15 +36,19 @@ def settings(residuals: list[bool]) -> list[tuple[str, list[str]]]:
 
 
 def parse_setting(name: str) -> tuple[str, list[str]]:
-    """'topk 0.1+res' -> overrides; '+res0.9' adds residual_decay 0.9; any rule and value."""
+    """'topk 0.1+res' -> overrides; '+res0.9' adds residual_decay 0.9, 'soft 0.03/c1e-6' a
+    count_price of 1e-6; any rule and value."""
     rule, _, value = name.strip().partition(" ")
     value, res, decay = value.partition("+res")
+    value, _, count_price = value.partition("/c")
     if rule == "dense":
         return "dense", []
     key = "optimizer.fraction" if rule in ("topk", "random", "block") else "optimizer.price"
     flags = MASKED + [f"optimizer.residual={str(bool(res)).lower()}", f"optimizer.select={rule}", f"{key}={value}"]
     if decay:
         flags.append(f"optimizer.residual_decay={decay}")
+    if count_price:
+        flags.append(f"optimizer.count_price={count_price}")
     return name.strip(), flags
 
 

@@ -16,6 +16,7 @@ from metabolic.engine.config import ConfigError, load_config
     ("train.micro_batch_size=0", "train.micro_batch_size"),
     ("nonsense=1", "nonsense"),
     ("optimizer.residual_decay=0.9", "optimizer.residual_decay"),  # no residual to decay
+    ("optimizer.count_price=1e-6", "optimizer.count_price"),  # only with select=soft
 ])
 def test_bad_override_names_key(override, key):
     with pytest.raises(ConfigError) as err:

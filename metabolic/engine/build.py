@@ -92,8 +92,8 @@ def build_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
     from metabolic.kernels import MaskedAdamW, MaskedSGD
 
     select = dict(select=o.select, fraction=o.fraction, price=o.price, alpha=cfg.energy.alpha,
-                  residual=o.residual, residual_decay=o.residual_decay, block_size=o.block_size,
-                  seed=cfg.seed)
+                  residual=o.residual, residual_decay=o.residual_decay, count_price=o.count_price,
+                  block_size=o.block_size, seed=cfg.seed)
     if o.name == "masked_adamw":
         return MaskedAdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, **select)
     if o.name == "masked_sgd":

@@ -151,6 +151,8 @@ class OptimizerConfig:
     """Target fraction of weights changed per step (topk, random, block)."""
     price: float = 0.0
     """Energy price lambda for the hard/soft threshold rules."""
+    count_price: float = 0.0
+    """select=soft: extra price per changed weight, so small shrunk updates wait (0: plain soft)."""
     residual: bool = False
     """Keep unselected updates in a residual added to the next step (error feedback)."""
     residual_decay: float = 1.0
@@ -280,6 +282,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(o.select in SELECT_RULES, "optimizer.select", o.select, f"one of {SELECT_RULES}")
     _check(0 < o.fraction <= 1, "optimizer.fraction", o.fraction, "in (0, 1]")
     _check(o.price >= 0, "optimizer.price", o.price, ">= 0")
+    _check(o.count_price >= 0, "optimizer.count_price", o.count_price, ">= 0")
+    _check(o.count_price == 0 or o.select == "soft", "optimizer.count_price", o.count_price,
+           "0 unless optimizer.select is soft (hard's price is already per change)")
     _check(o.block_size >= 1, "optimizer.block_size", o.block_size, ">= 1")
     _check(0 <= o.residual_decay <= 1, "optimizer.residual_decay", o.residual_decay, "in [0, 1]")
     _check(o.residual or o.residual_decay == 1, "optimizer.residual_decay", o.residual_decay,
