@@ -33,3 +33,21 @@ def test_quick_science_benchmark(tmp_path, fmnist):
             assert by[m]["data/samples_backward"] <= by["dense"]["data/samples_backward"]
         # The controller spends less at the lower budget.
         assert by["joint_low"]["energy/metabolic"] < by["joint_high"]["energy/metabolic"] < by["dense"]["energy/metabolic"]
+
+
+@pytest.mark.parametrize("name, select, residual, decay, count_price", [
+    ("topk 0.1", "topk", False, 1.0, 0.0),
+    ("hard 1e-05+res0.9", "hard", True, 0.9, 0.0),
+    ("soft 0.03/c1e-6+res", "soft", True, 1.0, 1e-6),
+])
+def test_weight_sweep_settings_are_valid_configs(name, select, residual, decay, count_price):
+    # every setting name the sweep accepts turns into overrides the config loader accepts
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from weight_sweep import parse_setting
+    from helpers import CONFIG
+    from metabolic.engine.config import load_config
+
+    label, flags = parse_setting(name)
+    o = load_config(CONFIG, flags).optimizer
+    assert label == name and o.name == "masked_adamw" and o.select == select
+    assert (o.residual, o.residual_decay, o.count_price) == (residual, decay, count_price)
