@@ -17,6 +17,7 @@ from metabolic.engine.config import ConfigError, load_config
     ("nonsense=1", "nonsense"),
     ("optimizer.residual_decay=0.9", "optimizer.residual_decay"),  # no residual to decay
     ("optimizer.count_price=1e-6", "optimizer.count_price"),  # only with select=soft
+    ("optimizer.dense_1d=true", "optimizer.dense_1d"),  # only with a masked optimizer
 ])
 def test_bad_override_names_key(override, key):
     with pytest.raises(ConfigError) as err:

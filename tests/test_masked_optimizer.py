@@ -208,3 +208,27 @@ def test_non_fp32_param_is_rejected():
     p.grad = torch.randn(10, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="fp32"):
         MaskedAdamW([p]).step()
+
+
+def test_dense_1d_updates_vectors_densely_and_selects_matrices():
+    from helpers import CONFIG
+    from metabolic.engine.build import build_optimizer
+    from metabolic.engine.config import load_config
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 10))
+    cfg = load_config(CONFIG, ["optimizer.name=masked_adamw", "optimizer.select=soft", "optimizer.price=1e-3",
+                               "optimizer.count_price=1e-6", "optimizer.residual=true", "optimizer.dense_1d=true"])
+    opt = build_optimizer(cfg, model.parameters())
+    masked, dense = opt.param_groups
+    assert [p.dim() for p in masked["params"]] == [2, 2] and all(p.dim() == 1 for p in dense["params"])
+    assert dense["select"] == "dense" and dense["count_price"] == 0.0 and not dense["residual"]
+    assert masked["select"] == "soft" and masked["count_price"] == 1e-6 and masked["residual"]
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(32, 64)).logsumexp(dim=1).mean().backward()
+    opt.step()
+    changed = [float((p.detach() != b).float().mean()) for p, b in zip(model.parameters(), before)]
+    vec = [c for c, p in zip(changed, model.parameters()) if p.dim() == 1]
+    mat = [c for c, p in zip(changed, model.parameters()) if p.dim() == 2]
+    assert all(c == 1.0 for c in vec)  # every bias and norm scale moved
+    assert all(c < 1.0 for c in mat)  # the matrices kept their price

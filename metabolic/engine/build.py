@@ -82,6 +82,24 @@ def forward_flops_per_sample(cfg: ExperimentConfig, model: nn.Module, task) -> f
     return counted_forward_flops(model, task.example())
 
 
+# What a dense group overrides in the masked optimizer's defaults.
+DENSE_GROUP = dict(select="dense", residual=False, residual_decay=1.0, count_price=0.0)
+
+
+def masked_param_groups(params, dense_1d: bool) -> list[dict]:
+    """One group for the masked rule; with dense_1d a second, dense group for 1-D tensors.
+
+    Biases and norm scales are a small share of the weights (and of M) but steer every
+    activation; under ZeRO-3 a parameter's own shape is in ds_shape (its data is a shard)."""
+    params = list(params)
+    if not dense_1d:
+        return [{"params": params}]
+    vectors = [p for p in params if len(getattr(p, "ds_shape", p.shape)) <= 1]
+    matrices = [p for p in params if len(getattr(p, "ds_shape", p.shape)) > 1]
+    groups = [{"params": matrices}] if matrices else []
+    return groups + ([{"params": vectors, **DENSE_GROUP}] if vectors else [])
+
+
 def build_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
     """The client optimizer DeepSpeed wraps; masked optimizers select which weights change."""
     o = cfg.optimizer
@@ -94,6 +112,7 @@ def build_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
     select = dict(select=o.select, fraction=o.fraction, price=o.price, alpha=cfg.energy.alpha,
                   residual=o.residual, residual_decay=o.residual_decay, count_price=o.count_price,
                   block_size=o.block_size, seed=cfg.seed)
+    params = masked_param_groups(params, o.dense_1d)
     if o.name == "masked_adamw":
         return MaskedAdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, **select)
     if o.name == "masked_sgd":

@@ -159,6 +159,8 @@ class OptimizerConfig:
     """Fraction of the residual kept per step: 1 keeps all, below 1 it fades (synaptic caching)."""
     block_size: int = 4096
     """Contiguous elements per block for select=block."""
+    dense_1d: bool = False
+    """Masked optimizers: update 1-D tensors (biases, norm scales) densely, select the rest."""
 
 
 @dataclass
@@ -286,6 +288,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(o.count_price == 0 or o.select == "soft", "optimizer.count_price", o.count_price,
            "0 unless optimizer.select is soft (hard's price is already per change)")
     _check(o.block_size >= 1, "optimizer.block_size", o.block_size, ">= 1")
+    _check(not o.dense_1d or o.name.startswith("masked"), "optimizer.dense_1d", o.dense_1d,
+           "false unless optimizer.name is masked_adamw or masked_sgd")
     _check(0 <= o.residual_decay <= 1, "optimizer.residual_decay", o.residual_decay, "in [0, 1]")
     _check(o.residual or o.residual_decay == 1, "optimizer.residual_decay", o.residual_decay,
            "1 unless optimizer.residual is true (there is no residual to decay)")
