@@ -203,8 +203,9 @@ class MaskedAdamW(_MaskedOptimizer):
     alpha: exponent of the energy sum |dw|^alpha. residual: keep unselected updates and add
     them next step; residual_decay: the fraction of the residual kept per step (1 keeps all,
     below 1 it fades, as synaptic caching's transient weight does). count_price: with soft, a
-    fee per changed weight on top of price per unit of change. backend: "auto" (Triton on CUDA; on CPU the native C step, or the torch
-    fallback without a C compiler), "reference", "torch", "native" or "triton".
+    fee per changed weight on top of price per unit of change. backend: "auto" (Triton on
+    CUDA; on CPU the native C step, or the torch fallback without a C compiler), "reference",
+    "torch", "native" or "triton".
     """
 
     _kind = "adamw"
