@@ -41,13 +41,15 @@ def zero_results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.parametrize("rule", ["soft", "soft_groups"])
 @pytest.mark.parametrize("stage", STAGES)
-def test_soft_threshold_energy_matches_single_process(zero_results, stage):
+def test_soft_threshold_energy_matches_single_process(zero_results, stage, rule):
     # The soft rule decides per element from (u_i, eta_i), which do not depend on how ZeRO
     # partitions the buffer, and gradients are the same mean over the global batch. What
     # differs is fp32 summation order (allreduce, partition sums): rel 1e-5 covers that and
     # would catch a missed or double-counted partition (a 50% error).
-    single, zero = zero_results["soft"]["single"], zero_results["soft"][stage]
+    # soft_groups: a residual, a count price and a second (dense) param group, as dense_1d builds.
+    single, zero = zero_results[rule]["single"], zero_results[rule][stage]
     for s, z in zip(single, zero):
         assert z["numel"] == s["numel"]
         assert z["changed"] == s["changed"]

@@ -91,7 +91,10 @@ class _MaskedOptimizer(torch.optim.Optimizer):
 
     @property
     def last_energy(self) -> dict:
-        """This rank's {"metabolic": float, "changed": int, "numel", "fraction"} of the last step."""
+        """This rank's {"metabolic": float, "changed": int, "numel", "fraction"} of the last step.
+
+        DeepSpeed ZeRO 1-3 call step() once per param group (with the other groups swapped
+        out), so with several groups sum it from a step post-hook, as the engine's ledger does."""
         if self._last_dict is None:
             e, c = self.last_energy_tensors
             metabolic, changed, numel = float(e), int(c), self._last_numel

@@ -17,12 +17,16 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from metabolic.engine.build import masked_param_groups
 from metabolic.kernels import MaskedAdamW
 
 STEPS = 3
 MICRO = 4
 CLIP = 1.0  # DeepSpeed clips client-optimizer grads to norm 1.0 unless told; do it on both sides
-RULES = {"soft": dict(select="soft", price=0.05), "topk": dict(select="topk", fraction=0.1)}
+RULES = {"soft": dict(select="soft", price=0.05), "topk": dict(select="topk", fraction=0.1),
+         # two param groups (optimizer.dense_1d): soft with a count price and a residual on the
+         # matrices, dense on the biases
+         "soft_groups": dict(select="soft", price=0.05, count_price=1e-4, residual=True)}
 
 
 def model() -> torch.nn.Module:
@@ -36,7 +40,8 @@ def batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_opt(params, rule: str) -> MaskedAdamW:
-    return MaskedAdamW(params, lr=1e-2, weight_decay=0.01, **RULES[rule])
+    return MaskedAdamW(masked_param_groups(params, dense_1d=rule == "soft_groups"), lr=1e-2,
+                       weight_decay=0.01, **RULES[rule])
 
 
 def single_process(rule: str, world: int) -> list[dict]:
@@ -63,15 +68,24 @@ def zero_run(rule: str, stage: int, rank: int, world: int) -> list[dict]:
     engine, opt, _, _ = deepspeed.initialize(model=net, optimizer=make_opt(net.parameters(), rule),
                                              config=config)
     masked = opt if isinstance(opt, MaskedAdamW) else opt.optimizer
+    # ZeRO 1-3 call step() once per param group (the others swapped out), so last_energy holds
+    # only the last group's share; sum every call, as the engine's ledger does with its hooks
+    step_total = torch.zeros(3, dtype=torch.float64)
+
+    def add(optimizer, args, kwargs):
+        le = optimizer.last_energy
+        step_total.add_(torch.tensor([le["metabolic"], le["changed"], le["numel"]], dtype=torch.float64))
+
+    masked.register_step_post_hook(add)
     out = []
     for step in range(STEPS):
         x, y = batch(step, world)
         sl = slice(rank * MICRO, (rank + 1) * MICRO)
         loss = torch.nn.functional.cross_entropy(engine(x[sl]), y[sl])
+        step_total.zero_()
         engine.backward(loss)
         engine.step()
-        le = masked.last_energy
-        t = torch.tensor([le["metabolic"], le["changed"], le["numel"]], dtype=torch.float64)
+        t = step_total.clone()
         if stage > 0:
             dist.all_reduce(t)  # partitions: the rank totals add up
         else:
