@@ -1,7 +1,6 @@
 """Torch fallback (eager and compiled), native CPU step and Triton kernel (interpreted on CPU,
 compiled on CUDA) against the reference step."""
 
-import itertools
 import json
 import os
 import subprocess
@@ -10,28 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_cases import make_case
+from kernel_cases import (CASES, COUNT_PRICE, COUNT_PRICE_CASES, DECAY_CASES, RULES, case_key, make_case,
+                          make_spec)
 
 from metabolic.kernels.fallback import fallback_step
 from metabolic.kernels.reference import reference_step
-from metabolic.kernels.spec import StepSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = ["dense", "topk", "hard", "soft", "random", "block"]
-CASES = list(itertools.product(["adamw", "sgd"], RULES, [0.0, 1.0], [False, True]))
-# a fading residual (residual_decay < 1) with every rule that leaves part of u unapplied
-DECAY_CASES = list(itertools.product(["adamw", "sgd"], ["topk", "hard", "soft", "random", "block"]))
-# soft with a fee per changed weight: (kind, residual, residual_decay)
-COUNT_PRICE_CASES = [("adamw", False, 1.0), ("adamw", True, 1.0), ("sgd", False, 1.0), ("sgd", True, 0.5)]
-COUNT_PRICE = 3e-6
-
-
-def make_spec(kind, rule, alpha, residual, **kw):
-    args = dict(kind=kind, lr=1e-3, weight_decay=0.01, momentum=0.9, select=rule, fraction=0.1,
-                price=1e-4 if kind == "adamw" else 1e-3, alpha=alpha, residual=residual,
-                block_size=1000, step=3, seed=1, salt=2)
-    args.update(kw)
-    return StepSpec(**args)
 
 
 def compare(step_fn, kind, rule, alpha, residual, n=70_001, device="cpu", decay=1.0, count_price=0.0,
@@ -201,7 +185,7 @@ def interpreted_triton():
 
 @pytest.mark.parametrize("kind,rule,alpha,residual", CASES)
 def test_interpreted_triton_matches_reference(interpreted_triton, kind, rule, alpha, residual):
-    r = interpreted_triton[f"{kind}-{rule}-a{alpha:g}-r{int(residual)}"]
+    r = interpreted_triton[case_key(kind, rule, alpha, residual)]
     assert r["p_err"] <= 1e-6
     assert r["state_err"] <= 1e-6
     assert r["changed"] == r["changed_ref"]
@@ -212,7 +196,7 @@ def test_interpreted_triton_matches_reference(interpreted_triton, kind, rule, al
 
 @pytest.mark.parametrize("kind,rule", DECAY_CASES)
 def test_interpreted_triton_fading_residual_matches_reference(interpreted_triton, kind, rule):
-    r = interpreted_triton[f"{kind}-{rule}-a1-r1-d0.5"]
+    r = interpreted_triton[case_key(kind, rule, 1.0, True, 0.5)]
     assert r["p_err"] <= 1e-6 and r["state_err"] <= 1e-6
     assert r["changed"] == r["changed_ref"]
     assert r["energy"] == pytest.approx(r["energy_ref"], rel=1e-5)
@@ -220,7 +204,7 @@ def test_interpreted_triton_fading_residual_matches_reference(interpreted_triton
 
 @pytest.mark.parametrize("kind,residual,decay", COUNT_PRICE_CASES)
 def test_interpreted_triton_count_price_matches_reference(interpreted_triton, kind, residual, decay):
-    r = interpreted_triton[f"{kind}-soft-a1-r{int(residual)}-d{decay:g}-c{COUNT_PRICE:g}"]
+    r = interpreted_triton[case_key(kind, "soft", 1.0, residual, decay, COUNT_PRICE)]
     assert r["p_err"] <= 1e-6 and r["state_err"] <= 1e-6
     assert r["changed"] == r["changed_ref"]
     assert r["energy"] == pytest.approx(r["energy_ref"], rel=1e-5)

@@ -94,8 +94,9 @@ def masked_param_groups(params, dense_1d: bool) -> list[dict]:
     params = list(params)
     if not dense_1d:
         return [{"params": params}]
-    vectors = [p for p in params if len(getattr(p, "ds_shape", p.shape)) <= 1]
-    matrices = [p for p in params if len(getattr(p, "ds_shape", p.shape)) > 1]
+    matrices, vectors = [], []
+    for p in params:
+        (vectors if len(getattr(p, "ds_shape", p.shape)) <= 1 else matrices).append(p)
     groups = [{"params": matrices}] if matrices else []
     return groups + ([{"params": vectors, **DENSE_GROUP}] if vectors else [])
 

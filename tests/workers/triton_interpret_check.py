@@ -5,7 +5,6 @@ JSON object: {case_name: {"p_err", "state_err", "energy_ref", "energy", "changed
 "changed", "bf16_ulps"}}.
 """
 
-import itertools
 import json
 import os
 import sys
@@ -18,7 +17,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import kernel_cases  # noqa: E402
 
 from metabolic.kernels.reference import reference_step  # noqa: E402
-from metabolic.kernels.spec import StepSpec  # noqa: E402
 from metabolic.kernels.triton_step import triton_step  # noqa: E402
 
 N = 20_003  # not a multiple of BLOCK or block_size: exercises the masked tail
@@ -37,32 +35,16 @@ def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
 
 def main() -> None:
     out = {}
-    cases = [(*c, 1.0, 0.0) for c in itertools.product(
-        ["adamw", "sgd"], ["dense", "topk", "hard", "soft", "random", "block"], [0.0, 1.0],
-        [False, True])]
-    # a fading residual with every rule that leaves part of u unapplied
-    cases += [(kind, rule, 1.0, True, 0.5, 0.0) for kind, rule in itertools.product(
-        ["adamw", "sgd"], ["topk", "hard", "soft", "random", "block"])]
-    # soft with a fee per changed weight (test_kernels_backends.COUNT_PRICE_CASES)
-    cases += [(kind, "soft", 1.0, res, decay, 3e-6) for kind, res, decay in
-              [("adamw", False, 1.0), ("adamw", True, 1.0), ("sgd", False, 1.0), ("sgd", True, 0.5)]]
-    for kind, rule, alpha, residual, decay, count_price in cases:
-        spec = StepSpec(kind=kind, lr=1e-3, weight_decay=0.01, momentum=0.9, select=rule,
-                        fraction=0.1, price=1e-4 if kind == "adamw" else 1e-3, alpha=alpha,
-                        residual=residual, residual_decay=decay, count_price=count_price,
-                        block_size=1000, step=3, seed=1, salt=2)
+    for kind, rule, alpha, residual, decay, count_price in kernel_cases.all_cases():
+        spec = kernel_cases.make_spec(kind, rule, alpha, residual, residual_decay=decay,
+                                      count_price=count_price)
         p, g, st = make_case(kind, residual)
         p2, st2 = p.clone(), {k: v.clone() for k, v in st.items()}
         bf_ref = torch.empty(N, dtype=torch.bfloat16)
         bf = torch.empty(N, dtype=torch.bfloat16)
         e1, c1 = reference_step(p, g, st, spec, out_bf16=bf_ref)
         e2, c2 = triton_step(p2, g, st2, spec, out_bf16=bf, block=4096)
-        key = f"{kind}-{rule}-a{alpha:g}-r{int(residual)}"
-        if decay != 1.0 or count_price:
-            key += f"-d{decay:g}"
-        if count_price:
-            key += f"-c{count_price:g}"
-        out[key] = {
+        out[kernel_cases.case_key(kind, rule, alpha, residual, decay, count_price)] = {
             "p_err": float((p - p2).abs().max()),
             "state_err": max(float((st[k] - st2[k]).abs().max()) for k in st),
             "energy_ref": e1, "energy": float(e2), "changed_ref": c1, "changed": int(c2),
