@@ -18,6 +18,7 @@ from metabolic.engine.config import ConfigError, load_config
     ("optimizer.residual_decay=0.9", "optimizer.residual_decay"),  # no residual to decay
     ("optimizer.count_price=1e-6", "optimizer.count_price"),  # only with select=soft
     ("optimizer.dense_1d=true", "optimizer.dense_1d"),  # only with a masked optimizer
+    ("optimizer.dense_tail=0.1", "optimizer.dense_tail"),  # only with a masked optimizer
 ])
 def test_bad_override_names_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -59,3 +60,11 @@ def test_residual_decay_range_names_key():
     assert "'optimizer.residual_decay'" in str(err.value) and "in [0, 1]" in str(err.value)
     cfg = load_config(CONFIG, ["optimizer.residual=true", "optimizer.residual_decay=0.9"])
     assert cfg.optimizer.residual_decay == 0.9
+
+
+def test_dense_tail_range_names_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG, ["optimizer.name=masked_adamw", "optimizer.dense_tail=1.0"])
+    assert "'optimizer.dense_tail'" in str(err.value) and "in [0, 1)" in str(err.value)
+    cfg = load_config(CONFIG, ["optimizer.name=masked_adamw", "optimizer.dense_tail=0.2"])
+    assert cfg.optimizer.dense_tail == 0.2

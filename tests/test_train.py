@@ -62,6 +62,21 @@ def test_progress_bar_total_tightens_under_sample_dropout(tmp_path, fmnist):
     assert int(done) == int(last) == summary(out)["step"] == 12 + 6 + 3
 
 
+def test_dense_tail_updates_every_weight_in_the_last_part_of_the_run(tmp_path, fmnist):
+    # A price no update can pay: no weight moves until the tail (the second of two epochs),
+    # where every weight moves on every step, the first of them paying out the residual.
+    out = tmp_path / "run"
+    ok(metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=2",
+                 "optimizer.name=masked_adamw", "optimizer.select=soft", "optimizer.price=1e6",
+                 "optimizer.count_price=1e-6", "optimizer.residual=true", "optimizer.dense_tail=0.5"))
+    recs = [r for r in records(out) if r["step"] > 0]
+    n = summary(out)["energy/num_weights"]
+    first, second = [r for r in recs if r["step"] <= 12], [r for r in recs if r["step"] > 12]
+    assert len(first) >= 12 and len(second) >= 12
+    assert all(r["energy/changed_weights"] == 0 for r in first)
+    assert second[-1]["energy/changed_weights"] >= 0.99 * 12 * n
+
+
 def test_missing_dataset_is_a_clear_error(tmp_path):
     out = tmp_path / "run"
     proc = metabolic("train", str(CONFIG), f"output_dir={out}", f"data.path={tmp_path / 'nothing'}", *SMALL)

@@ -84,6 +84,13 @@ def forward_flops_per_sample(cfg: ExperimentConfig, model: nn.Module, task) -> f
 
 # What a dense group overrides in the masked optimizer's defaults.
 DENSE_GROUP = dict(select="dense", residual=False, residual_decay=1.0, count_price=0.0)
+# what the dense tail sets; with a residual, the first dense step pays out what it held
+DENSE_SELECTION = dict(select="dense", count_price=0.0)
+
+
+def selection_of(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Per param group, the configured selection (empty for plain torch optimizers)."""
+    return [{k: g[k] for k in DENSE_SELECTION} if "select" in g else {} for g in optimizer.param_groups]
 
 
 def masked_param_groups(params, dense_1d: bool) -> list[dict]:

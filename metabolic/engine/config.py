@@ -161,6 +161,8 @@ class OptimizerConfig:
     """Contiguous elements per block for select=block."""
     dense_1d: bool = False
     """Masked optimizers: update 1-D tensors (biases, norm scales) densely, select the rest."""
+    dense_tail: float = 0.0
+    """Masked optimizers: fraction of the run, at its end, with dense updates (annealing tail)."""
 
 
 @dataclass
@@ -290,6 +292,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(o.block_size >= 1, "optimizer.block_size", o.block_size, ">= 1")
     _check(not o.dense_1d or o.name.startswith("masked"), "optimizer.dense_1d", o.dense_1d,
            "false unless optimizer.name is masked_adamw or masked_sgd")
+    _check(0 <= o.dense_tail < 1, "optimizer.dense_tail", o.dense_tail, "in [0, 1)")
+    _check(not o.dense_tail or o.name.startswith("masked"), "optimizer.dense_tail", o.dense_tail,
+           "0 unless optimizer.name is masked_adamw or masked_sgd")
     _check(0 <= o.residual_decay <= 1, "optimizer.residual_decay", o.residual_decay, "in [0, 1]")
     _check(o.residual or o.residual_decay == 1, "optimizer.residual_decay", o.residual_decay,
            "1 unless optimizer.residual is true (there is no residual to decay)")

@@ -66,6 +66,7 @@ class Trainer:
         self.flops_per_sample = build.forward_flops_per_sample(cfg, model, self.task)
         self.num_params = build.count_params(model)
         self.optimizer = build.build_optimizer(cfg, model.parameters())
+        self._selection = build.selection_of(self.optimizer)  # the configured rule, per group
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
         meter = JouleMeter(self.info.local_rank if self.info.device.type == "cuda" else None,
                            read_cpu=cfg.energy.joules and self.info.local_rank == 0)
@@ -182,7 +183,7 @@ class Trainer:
         idx, weights = plan.batches[m], plan.weights[m].to(self.info.device)
         x, y = self.task.train_batch(idx, epoch_generator(self.cfg.seed, plan.epoch, salt=1000 + m))
         if m % self.cfg.train.grad_accum == 0:
-            self._set_lr(plan, m)
+            self._set_schedule(plan, m)
         scores = self.task.score(self.engine(x), y)
         loss = (scores.loss * weights).sum() / idx.numel()
         self.engine.backward(loss)
@@ -222,10 +223,15 @@ class Trainer:
             progress = max(progress, self.state.step / t.max_steps)
         return progress
 
-    def _set_lr(self, plan: EpochPlan, m: int) -> None:
-        lr = build.learning_rate(self.cfg, self.state.step, self._progress(plan, m))
-        for group in self.optimizer.param_groups:
+    def _set_schedule(self, plan: EpochPlan, m: int) -> None:
+        """The step's learning rate, and dense updates in optimizer.dense_tail's final stretch."""
+        progress = self._progress(plan, m)
+        lr = build.learning_rate(self.cfg, self.state.step, progress)
+        tail = self.cfg.optimizer.dense_tail > 0 and progress >= 1.0 - self.cfg.optimizer.dense_tail
+        for group, selection in zip(self.optimizer.param_groups, self._selection):
             group["lr"] = lr
+            # set both ways every step: a checkpoint's param_groups may hold either
+            group.update(build.DENSE_SELECTION if tail and selection else selection)
 
     def _after_step(self, plan: EpochPlan) -> bool:
         """Log, evaluate, checkpoint, stop; True when the epoch must end early."""
