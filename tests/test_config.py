@@ -54,17 +54,13 @@ def test_cli_bad_yaml_key(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_residual_decay_range_names_key():
+@pytest.mark.parametrize("base, key, bad, bound, good", [
+    (["optimizer.residual=true"], "residual_decay", 1.5, "in [0, 1]", 0.9),
+    (["optimizer.name=masked_adamw"], "dense_tail", 1.0, "in [0, 1)", 0.2),
+])
+def test_range_error_names_key(base, key, bad, bound, good):
     with pytest.raises(ConfigError) as err:
-        load_config(CONFIG, ["optimizer.residual=true", "optimizer.residual_decay=1.5"])
-    assert "'optimizer.residual_decay'" in str(err.value) and "in [0, 1]" in str(err.value)
-    cfg = load_config(CONFIG, ["optimizer.residual=true", "optimizer.residual_decay=0.9"])
-    assert cfg.optimizer.residual_decay == 0.9
-
-
-def test_dense_tail_range_names_key():
-    with pytest.raises(ConfigError) as err:
-        load_config(CONFIG, ["optimizer.name=masked_adamw", "optimizer.dense_tail=1.0"])
-    assert "'optimizer.dense_tail'" in str(err.value) and "in [0, 1)" in str(err.value)
-    cfg = load_config(CONFIG, ["optimizer.name=masked_adamw", "optimizer.dense_tail=0.2"])
-    assert cfg.optimizer.dense_tail == 0.2
+        load_config(CONFIG, base + [f"optimizer.{key}={bad}"])
+    assert f"'optimizer.{key}'" in str(err.value) and bound in str(err.value)
+    cfg = load_config(CONFIG, base + [f"optimizer.{key}={good}"])
+    assert getattr(cfg.optimizer, key) == good

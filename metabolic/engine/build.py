@@ -82,10 +82,10 @@ def forward_flops_per_sample(cfg: ExperimentConfig, model: nn.Module, task) -> f
     return counted_forward_flops(model, task.example())
 
 
-# What a dense group overrides in the masked optimizer's defaults.
-DENSE_GROUP = dict(select="dense", residual=False, residual_decay=1.0, count_price=0.0)
-# what the dense tail sets; with a residual, the first dense step pays out what it held
+# What the dense tail sets; with a residual, the first dense step pays out what it held.
 DENSE_SELECTION = dict(select="dense", count_price=0.0)
+# What a dense group (dense_1d) overrides in the masked optimizer's defaults.
+DENSE_GROUP = dict(DENSE_SELECTION, residual=False, residual_decay=1.0)
 
 
 def selection_of(optimizer: torch.optim.Optimizer) -> list[dict]:

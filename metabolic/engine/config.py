@@ -290,11 +290,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(o.count_price == 0 or o.select == "soft", "optimizer.count_price", o.count_price,
            "0 unless optimizer.select is soft (hard's price is already per change)")
     _check(o.block_size >= 1, "optimizer.block_size", o.block_size, ">= 1")
-    _check(not o.dense_1d or o.name.startswith("masked"), "optimizer.dense_1d", o.dense_1d,
-           "false unless optimizer.name is masked_adamw or masked_sgd")
     _check(0 <= o.dense_tail < 1, "optimizer.dense_tail", o.dense_tail, "in [0, 1)")
-    _check(not o.dense_tail or o.name.startswith("masked"), "optimizer.dense_tail", o.dense_tail,
-           "0 unless optimizer.name is masked_adamw or masked_sgd")
+    for key in ("dense_1d", "dense_tail"):  # both only change what a masked optimizer selects
+        value = getattr(o, key)
+        _check(not value or o.name.startswith("masked"), f"optimizer.{key}", value,
+               "unset unless optimizer.name is masked_adamw or masked_sgd")
     _check(0 <= o.residual_decay <= 1, "optimizer.residual_decay", o.residual_decay, "in [0, 1]")
     _check(o.residual or o.residual_decay == 1, "optimizer.residual_decay", o.residual_decay,
            "1 unless optimizer.residual is true (there is no residual to decay)")
