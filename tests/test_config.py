@@ -19,6 +19,9 @@ from metabolic.engine.config import ConfigError, load_config
     ("optimizer.count_price=1e-6", "optimizer.count_price"),  # only with select=soft
     ("optimizer.dense_1d=true", "optimizer.dense_1d"),  # only with a masked optimizer
     ("optimizer.dense_tail=0.1", "optimizer.dense_tail"),  # only with a masked optimizer
+    ("optimizer.lr=inf", "optimizer.lr"),  # every float must be finite
+    ("optimizer.betas=[0.9,nan]", "optimizer.betas"),
+    ("energy.budget=inf", "energy.budget"),
 ])
 def test_bad_override_names_key(override, key):
     with pytest.raises(ConfigError) as err:

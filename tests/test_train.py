@@ -1,6 +1,7 @@
 """End-to-end runs of the real CLI: outputs and metric contract, 2 gloo ranks, resume equality."""
 
 import json
+import math
 import re
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from helpers import CONFIG, REPO, SMALL, comparable, env, metabolic, ok, records, summary, torchrun
 
@@ -75,6 +77,32 @@ def test_dense_tail_updates_every_weight_in_the_last_part_of_the_run(tmp_path, f
     assert len(first) >= 12 and len(second) >= 12
     assert all(r["energy/changed_weights"] == 0 for r in first)
     assert second[-1]["energy/changed_weights"] >= 0.99 * 12 * n
+
+
+@pytest.mark.parametrize("overrides, what, kept_step", [
+    # caught at the step-2 record, after step 1's checkpoint (weights huge but finite)
+    (["optimizer.lr=1e30", "train.checkpoint_every=1"], "train/loss is nan", 1),
+    # caught before the step-2 checkpoint, from the loss since the last record (step 0)
+    (["optimizer.lr=1e30", "train.checkpoint_every=2", "train.log_every=5"], "train/loss is not finite", None),
+    # step 1's loss is finite, the weights it leaves are not: its checkpoint is refused
+    (["optimizer.weight_decay=1e42", "train.checkpoint_every=1"], "the weights are not finite", None),
+])
+def test_divergence_stops_the_run_and_keeps_no_diverged_checkpoint(tmp_path, fmnist, overrides, what, kept_step):
+    out = tmp_path / "run"
+    proc = metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.warmup_steps=0", *overrides)
+    assert proc.returncode == 65, proc.stderr[-3000:]
+    err = [l for l in proc.stderr.splitlines() if l.startswith("metabolic: error:")]
+    assert len(err) == 1 and "diverged" in err[0] and what in err[0] and "optimizer.lr" in err[0], proc.stderr[-3000:]
+    assert not (out / "summary.json").exists()
+    recs = records(out) if (out / "metrics.jsonl").exists() else []  # no record before step 5 in one case
+    assert all(math.isfinite(r["train/loss"]) for r in recs if r.get("train/loss") is not None)
+    tags = sorted(p.name for p in (out / "checkpoints").glob("step_*")) if (out / "checkpoints").exists() else []
+    if kept_step is None:
+        assert tags == [] and "no checkpoint was written" in err[0]
+        return
+    assert tags == [f"step_{kept_step:09d}"] and tags[0] in err[0]
+    weights = torch.load(out / "checkpoints" / tags[0] / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values() if w.is_floating_point())
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):

@@ -7,6 +7,7 @@ before anything is written, and every error names the offending key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -233,8 +234,19 @@ def _check(ok: bool, key: str, value: Any, want: str) -> None:
         raise ConfigError(f"config key '{key}': got {value!r}, expected {want}")
 
 
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """No float anywhere in the config may be inf or nan (a rate, price or budget of inf is a typo)."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            _check(not isinstance(v, float) or math.isfinite(v), prefix + f.name, value, "a finite number")
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Range and choice checks that the type system cannot express."""
+    _check_finite(cfg)
     _check(cfg.model.name in MODELS, "model.name", cfg.model.name, f"one of {MODELS}")
     _check(cfg.model.width >= 1, "model.width", cfg.model.width, ">= 1")
     _check(cfg.model.depth >= 1, "model.depth", cfg.model.depth, ">= 1")

@@ -8,6 +8,7 @@ log, evaluate, checkpoint and check for preemption.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -30,10 +31,15 @@ from metabolic.engine.metrics import MetricsWriter, Progress, truncate_after
 from metabolic.engine.policies import build_policy
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved, run again with resume=true
+DIVERGED_EXIT_CODE = 65  # EX_DATAERR: the loss or the weights stopped being finite
 
 
 class Preempted(Exception):
     """A stop signal arrived; a checkpoint was written and the run can resume."""
+
+
+class Diverged(Exception):
+    """The training loss or the weights stopped being finite; no checkpoint holds them."""
 
 
 @dataclass
@@ -272,6 +278,8 @@ class Trainer:
     def _log(self, eval_now: bool) -> dict:
         record = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.optimizer.param_groups[0]["lr"]}
         record.update(self.ledger.reduce())
+        if record["train/loss"] is not None and not math.isfinite(record["train/loss"]):
+            self._diverged(f"train/loss is {record['train/loss']}")
         record["data/effective_epochs"] = record["data/samples_backward"] / self.task.num_train
         record.update(throughput(record, self._last, self.info.world_size, self.info.device))
         record["dist/world_size"] = self.info.world_size
@@ -292,6 +300,7 @@ class Trainer:
         return record
 
     def _checkpoint(self) -> None:
+        self._check_finite()
         sync_buffers(self.engine.module, self.info.world_size, self.info.meta_group)
         client = {"loop": asdict(self.state), "service": self.service.state_dict(),
                   "controller": self.controller.state_dict() if self.controller else None,
@@ -300,6 +309,30 @@ class Trainer:
         own = {"ledger": self.ledger.state_dict(), "initial_weights": self.ledger.initial_weights(),
                "rng": torch.get_rng_state()}
         checkpoint.save(self.engine, self.out, self.state.step, client, own, self.info.rank)
+
+    def _check_finite(self) -> None:
+        """Before a checkpoint: the loss since the last record and this rank's weights (its ZeRO
+        partition: the client optimizer's params) are finite on every rank, so no checkpoint ever
+        holds a diverged model. One pass over the weights, only when a checkpoint is written."""
+        pending = float(self.ledger.local["loss_sum"])
+        weights = all(bool(torch.isfinite(p).all()) for g in self.optimizer.param_groups for p in g["params"])
+        bad = torch.tensor([0.0 if math.isfinite(pending) else 1.0, 0.0 if weights else 1.0], dtype=torch.float64)
+        if self.info.world_size > 1:
+            dist.all_reduce(bad, group=self.info.meta_group)
+        if bad[0] > 0:
+            self._diverged("train/loss is not finite")
+        if bad[1] > 0:
+            self._diverged("the weights are not finite")
+
+    def _diverged(self, what: str) -> None:
+        """Stop every rank with an error that says where, why, and which checkpoint is still good."""
+        tag = checkpoint.latest_tag(self.out)
+        kept = (f"the last checkpoint, {checkpoint.checkpoint_root(self.out) / tag}, predates it" if tag
+                else "no checkpoint was written")
+        o = self.cfg.optimizer
+        raise Diverged(f"training diverged by step {self.state.step} (epoch {self.state.epoch}): {what}; {kept}. "
+                       f"Check optimizer.lr (now {o.lr:g}), optimizer.weight_decay (now {o.weight_decay:g}) "
+                       f"and train.grad_clip (now {self.cfg.train.grad_clip:g})")
 
     def _finish(self) -> dict:
         last = self._last.get("record") or self._log(eval_now=True)

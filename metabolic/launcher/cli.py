@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         return _error(str(err))
     from metabolic.data.idx import DatasetMissingError
-    from metabolic.engine.trainer import PREEMPTED_EXIT_CODE, Preempted, train
+    from metabolic.engine.trainer import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, Diverged, Preempted, train
 
     try:
         summary = train(cfg)
@@ -53,6 +53,8 @@ def _train(args: argparse.Namespace) -> int:
     except Preempted as err:
         print(f"metabolic: {err}; run again with resume=true", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except Diverged as err:
+        return _error(str(err), DIVERGED_EXIT_CODE)
     if summary and not args.quiet:
         keys = ("step", "eval/accuracy", "eval/loss", "eval/perplexity", "energy/metabolic", "energy/metabolic_min",
                 "energy/changed_weights", "data/effective_epochs", "time/wall_s")
