@@ -28,7 +28,7 @@ def latest_tag(output_dir: Path) -> Optional[str]:
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
-    return tag if (checkpoint_root(output_dir) / tag).is_dir() else None
+    return tag if tag and (checkpoint_root(output_dir) / tag).is_dir() else None
 
 
 def save(engine, output_dir: Path, step: int, client_state: dict, rank_state: dict, rank: int, keep: int = 2) -> str:
@@ -36,8 +36,11 @@ def save(engine, output_dir: Path, step: int, client_state: dict, rank_state: di
     in rank_state_rank{rank}.pt); keep the newest `keep` checkpoints."""
     root = checkpoint_root(output_dir)
     tag = f"step_{step:09d}"
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    # This rank's file first: DeepSpeed writes `latest` last, so a save that dies part-way leaves
+    # `latest` on the previous, complete checkpoint.
+    (root / tag).mkdir(parents=True, exist_ok=True)
     torch.save(rank_state, root / tag / f"rank_state_rank{rank}.pt")
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
