@@ -105,7 +105,7 @@ class Trainer:
             self._restore()
         elif self.is_main:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self.ledger.start_clock()
 
@@ -132,7 +132,13 @@ class Trainer:
             print(f"[metabolic] resumed from step {self.state.step} (epoch {self.state.epoch})", file=sys.stderr)
 
     def _on_signal(self, signum, frame) -> None:
+        """Stop at the next step with a checkpoint; a second Ctrl-C quits at once, without one."""
+        if signum == signal.SIGINT and self._stop_requested:
+            raise KeyboardInterrupt
         self._stop_requested = True
+        if signum == signal.SIGINT and self.is_main:
+            print("\n[metabolic] Ctrl-C: stopping at the next step with a checkpoint (Ctrl-C again: quit without one)",
+                  file=sys.stderr)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
