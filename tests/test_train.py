@@ -173,6 +173,9 @@ def test_resume_after_preemption_equals_uninterrupted(tmp_path, fmnist):
     assert proc.returncode == 75 and "Ctrl-C" in err, err[-3000:]
     stopped_at = records(cut)[-1]["step"]
     assert 7 <= stopped_at < 24 and not (cut / "summary.json").exists()
+    # a stopped run is reported from its last record, marked unfinished
+    rep = ok(metabolic("report", str(cut), timeout=120)).stdout
+    assert f"cut (unfinished, step {stopped_at})" in rep and "bwd samples" in rep
 
     ok(metabolic("train", str(CONFIG), f"output_dir={cut}", *args, "resume=true"))
     assert comparable(summary(cut)) == comparable(summary(full))

@@ -1,7 +1,8 @@
-"""Reports of finished runs: a figures table and plots for one run, and comparisons of several.
+"""Reports of runs: a figures table and plots for one run, and comparisons of several.
 
 Everything is read from a run folder's summary.json and metrics.jsonl (the ledger's figures),
-so a report can be made at any time after the run, on any machine.
+so a report can be made at any time, on any machine. A run without summary.json (still running,
+preempted or diverged) is reported from its last record and marked unfinished.
 """
 
 from __future__ import annotations
@@ -21,16 +22,30 @@ TABLE = (("eval/accuracy", "accuracy"), ("eval/loss", "eval loss"), ("data/effec
 
 
 class RunMissingError(FileNotFoundError):
-    """The folder is not a finished run."""
+    """The folder holds no run (neither summary.json nor metric records)."""
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
-    """(summary, metric records) of a finished run."""
+    """(summary, metric records); an unfinished run's summary is its last record, with the figures
+    of its last evaluation, and status "unfinished"."""
     run_dir = Path(run_dir)
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        raise RunMissingError(f"'{run_dir}' is not a finished run (no summary.json)")
-    return json.loads(path.read_text()), read_jsonl(run_dir / "metrics.jsonl")
+    path, metrics = run_dir / "summary.json", run_dir / "metrics.jsonl"
+    records = read_jsonl(metrics) if metrics.is_file() else []
+    if path.is_file():
+        return json.loads(path.read_text()), records
+    if not records:
+        raise RunMissingError(f"'{run_dir}' holds no run (no summary.json, no records in metrics.jsonl)")
+    summary = dict(records[-1], status="unfinished")
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    if evals and evals[-1] is not records[-1]:
+        summary.update({k: v for k, v in evals[-1].items() if k.startswith("eval/")}, eval_step=evals[-1]["step"])
+    return summary, records
+
+
+def run_name(run_dir: str | Path, summary: dict) -> str:
+    """The folder's name; an unfinished run's says so, with its last step."""
+    name = Path(run_dir).name
+    return name if summary.get("status", "completed") == "completed" else f"{name} (unfinished, step {summary['step']})"
 
 
 def eval_curve(records: list[dict]) -> tuple[str, list[dict]]:
@@ -129,18 +144,21 @@ def plot_run(run_dir: str | Path, out_name: str = "report.png") -> Path:
 def report(run_dir: str | Path) -> str:
     """The run's figures and per-epoch fractions as text; also (re)writes report.png."""
     summary, records = load_run(run_dir)
-    text = format_table([(Path(run_dir).name, summary)])
+    text = format_table([(run_name(run_dir, summary), summary)])
     fr = epoch_fractions(summary, records)
     if fr:
         text += "\n\nepoch  kept_fraction  changed_fraction\n"
         text += "\n".join(f"{f['epoch']:<5}  {_fmt(f['kept_fraction']):<13}  {_fmt(f['changed_fraction'])}" for f in fr)
-    plot_run(run_dir)
+    if eval_curve(records)[1]:
+        text += f"\n\nplots: {plot_run(run_dir)}"
+    else:
+        text += "\n\nno evaluation yet: report.png not written"
     return text
 
 
 def compare(run_dirs: list[str | Path], out: Optional[str | Path] = None) -> str:
     """Runs side by side with each figure's ratio to the first run (the baseline); writes one plot."""
-    runs = [(Path(d).name, *load_run(d)) for d in run_dirs]
+    runs = [(run_name(d, s), s, r) for d in run_dirs for s, r in [load_run(d)]]
     baseline = runs[0][1]
     text = format_table([(name, s) for name, s, _ in runs], baseline=baseline)
     plt = _plt()

@@ -111,7 +111,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(report(args.run_dir))
     except (RunMissingError, ValueError) as err:
         return _error(str(err))
-    print(f"\nplots: {args.run_dir}/report.png")
     return 0
 
 
