@@ -321,7 +321,10 @@ class Trainer:
         partition: the client optimizer's params) are finite on every rank, so no checkpoint ever
         holds a diverged model. One pass over the weights, only when a checkpoint is written."""
         pending = float(self.ledger.local["loss_sum"])
-        weights = all(bool(torch.isfinite(p).all()) for g in self.optimizer.param_groups for p in g["params"])
+        # max |w| per tensor (no full-size temporary; nan propagates), one host sync for all
+        norms = [torch.linalg.vector_norm(p.detach(), ord=math.inf).float().reshape(1)
+                 for g in self.optimizer.param_groups for p in g["params"] if p.numel()]
+        weights = not norms or bool(torch.isfinite(torch.cat([n.to(norms[0].device) for n in norms])).all())
         bad = torch.tensor([0.0 if math.isfinite(pending) else 1.0, 0.0 if weights else 1.0], dtype=torch.float64)
         if self.info.world_size > 1:
             dist.all_reduce(bad, group=self.info.meta_group)
