@@ -67,3 +67,42 @@ def test_range_error_names_key(base, key, bad, bound, good):
     assert f"'optimizer.{key}'" in str(err.value) and bound in str(err.value)
     cfg = load_config(CONFIG, base + [f"optimizer.{key}={good}"])
     assert getattr(cfg.optimizer, key) == good
+
+
+def _fields(cls, prefix=""):
+    """Every (dataclass name, field name, dotted key) below cls."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield cls.__name__, f.name, prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _fields(hints[f.name], f"{prefix}{f.name}.")
+
+
+def test_every_config_key_has_a_docstring():
+    from metabolic.engine.config import ExperimentConfig, field_docs
+
+    docs = field_docs()
+    missing = [key for cls, name, key in _fields(ExperimentConfig) if not docs.get((cls, name))]
+    assert not missing, f"config keys without a docstring: {missing}"
+
+
+def test_cli_config_prints_the_resolved_config_with_each_keys_meaning():
+    import yaml
+
+    from metabolic.engine.config import ExperimentConfig, to_dict
+
+    proc = metabolic("config", str(CONFIG), "optimizer.lr=1e-3", "data.policy=infobatch", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout) == to_dict(load_config(CONFIG, ["optimizer.lr=1e-3", "data.policy=infobatch"]))
+    assert "  lr: 0.001  # Peak learning rate." in proc.stdout.splitlines()
+    # one line per key, each with its comment
+    keys = [key for _, _, key in _fields(ExperimentConfig)]
+    assert len(proc.stdout.splitlines()) == len(keys) and all("  # " in l for l in proc.stdout.splitlines())
+    # overrides alone apply to the defaults; a bad value is the same error as for train
+    only = metabolic("config", "train.epochs=3", timeout=120)
+    assert only.returncode == 0 and yaml.safe_load(only.stdout)["train"]["epochs"] == 3
+    bad = metabolic("config", str(CONFIG), "optimizer.lr=-1", timeout=120)
+    assert bad.returncode == 2 and "optimizer.lr" in bad.stderr and bad.stdout == ""

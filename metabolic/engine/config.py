@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -61,7 +62,7 @@ class TextConfig:
 @dataclass
 class DataConfig:
     source: str = "idx"
-    """Dataset source: idx (IDX files) or hf (Hugging Face datasets)."""
+    """Dataset source: idx (IDX files), hf (Hugging Face datasets) or text (language models, see data.text)."""
     path: Optional[str] = "/usr/share/datasets/fashion-mnist"
     """Folder of IDX files, or a local dataset folder/file for source=hf."""
     hf_name: Optional[str] = None
@@ -380,3 +381,40 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 def to_dict(cfg: ExperimentConfig) -> dict:
     """The resolved config as a plain dict."""
     return dataclasses.asdict(cfg)
+
+
+def field_docs() -> dict[tuple[str, str], str]:
+    """{(dataclass name, field name): the field's one-line docstring}, read from this module's source."""
+    import ast
+    import inspect
+
+    docs = {}
+    for node in ast.parse(inspect.getsource(sys.modules[__name__])).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for stmt, nxt in zip(node.body, node.body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[(node.name, stmt.target.id)] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def explain(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML with every key's docstring as a comment (`metabolic config`)."""
+    import yaml
+
+    docs = field_docs()
+    lines: list[str] = []
+
+    def walk(node: Any, indent: str) -> None:
+        for f in dataclasses.fields(node):
+            value, doc = getattr(node, f.name), docs.get((type(node).__name__, f.name), "")
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:  # {doc}")
+                walk(value, indent + "  ")
+                continue
+            text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+            lines.append(f"{indent}{f.name}: {text}  # {doc}")
+
+    walk(cfg, "")
+    return "\n".join(lines) + "\n"

@@ -104,6 +104,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return _error(str(err))
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from metabolic.engine.config import ConfigError, explain, load_config
+
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not os.path.exists(path):  # only overrides, no file
+        path, overrides = None, [path, *overrides]
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as err:
+        return _error(str(err))
+    print(explain(cfg), end="")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from metabolic.engine.report import RunMissingError, report
 
@@ -170,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra sbatch argument, e.g. --sbatch-arg=--account=proj (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command; submit nothing")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("config", help="print the resolved, validated config with every key's meaning",
+                       description="Load CONFIG (or the defaults) with the overrides, validate it as `train` would, "
+                                   "and print it as YAML with each key's one-line docstring as a comment.")
+    p.add_argument("config", nargs="?", default=None, help="experiment YAML (default: the built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, key=value")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("report", help="print a finished run's figures and write its plots (report.png)")
     p.add_argument("run_dir", help="a run's output_dir")
