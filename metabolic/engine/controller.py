@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 MIN_PRICE, MAX_PRICE = 1e-8, 1e3
-MAX_LOG_STEP = 1.0  # one update moves lambda by at most a factor e
+MAX_IDLE_LOG_STEP = 1.0  # an empty epoch's end moves lambda by at most a factor e
 
 
 class JointController:
@@ -102,9 +102,11 @@ class JointController:
             return self.price
         planned = self.budget * self.planned_fraction(progress)
         gap = max(min(spent / planned - 1.0, 5.0), -5.0)
-        k = max(progress - self._progress, 0.0) * self.nominal_steps if idle and self.nominal_steps else 1.0
+        log_step = self.step * gap
+        if idle and self.nominal_steps:  # the full-data steps this epoch stands for, at most a factor e
+            k = max(progress - self._progress, 0.0) * self.nominal_steps
+            log_step = max(min(log_step * k, MAX_IDLE_LOG_STEP), -MAX_IDLE_LOG_STEP)
         self._progress = max(self._progress, progress)
-        log_step = max(min(self.step * k * gap, MAX_LOG_STEP), -MAX_LOG_STEP)
         self.price = min(max(self.price * math.exp(log_step), MIN_PRICE), MAX_PRICE)
         self._log_sum += math.log(self.price)
         self._count += 1
