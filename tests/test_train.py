@@ -105,6 +105,17 @@ def test_divergence_stops_the_run_and_keeps_no_diverged_checkpoint(tmp_path, fmn
     assert all(bool(torch.isfinite(w).all()) for w in weights.values() if w.is_floating_point())
 
 
+def test_divergence_stops_every_rank_under_zero2(tmp_path, fmnist):
+    # the weights check reads each rank's flat ZeRO partition; both ranks stop at the same step
+    out = tmp_path / "run"
+    proc = torchrun(2, "-m", "metabolic", "train", str(CONFIG), f"output_dir={out}", *SMALL, "train.warmup_steps=0",
+                    "deepspeed.zero_stage=2", "optimizer.weight_decay=1e42", "train.checkpoint_every=1")
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("metabolic: error: training diverged by step 1")]
+    assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-4000:]
+    assert all("the weights are not finite" in e for e in errors)
+    assert not (out / "checkpoints").exists() and not (out / "summary.json").exists()
+
+
 def test_missing_dataset_is_a_clear_error(tmp_path):
     out = tmp_path / "run"
     proc = metabolic("train", str(CONFIG), f"output_dir={out}", f"data.path={tmp_path / 'nothing'}", *SMALL)
