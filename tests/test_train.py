@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import time
 import pytest
 import torch
 
-from helpers import CONFIG, REPO, SMALL, comparable, env, metabolic, ok, records, summary, torchrun
+from helpers import CONFIG, REPO, SMALL, comparable, env, free_port, metabolic, ok, records, summary, torchrun
 
 METRICS = {"step", "epoch", "train/loss", "energy/metabolic", "energy/metabolic_min", "energy/changed_weights",
            "energy/joules", "data/samples_forward", "data/samples_backward", "data/effective_epochs",
@@ -114,6 +115,26 @@ def test_divergence_stops_every_rank_under_zero2(tmp_path, fmnist):
     assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-4000:]
     assert all("the weights are not finite" in e for e in errors)
     assert not (out / "checkpoints").exists() and not (out / "summary.json").exists()
+
+
+def test_ctrl_c_under_torchrun_checkpoints_every_rank(tmp_path, fmnist):
+    # A terminal's Ctrl-C reaches torchrun, which forwards SIGINT to each rank (its own session).
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "metabolic", "train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=3"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for(out / "metrics.jsonl", 4, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to its foreground process group
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    stopped = [l for l in err.splitlines() if l.startswith("metabolic: stop signal at step")]
+    assert len(stopped) == 2 and stopped[0] == stopped[1], err[-4000:]
+    step = records(out)[-1]["step"]
+    assert f"step {step};" in stopped[0] and (out / "checkpoints" / f"step_{step:09d}").is_dir()
+    assert len(list((out / "checkpoints" / f"step_{step:09d}").glob("rank_state_rank*.pt"))) == 2
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):

@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,6 +32,7 @@ from metabolic.engine.metrics import MetricsWriter, Progress, truncate_after
 from metabolic.engine.policies import build_policy
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved, run again with resume=true
+SECOND_CTRL_C_S = 1.0  # a Ctrl-C this long after the first quits without a checkpoint
 DIVERGED_EXIT_CODE = 65  # EX_DATAERR: the loss or the weights stopped being finite
 
 
@@ -88,6 +90,7 @@ class Trainer:
         self.history: list[dict] = []  # per-epoch plan figures
         self._last: dict = {}
         self._stop_requested = False
+        self._first_sigint: Optional[float] = None  # monotonic time of the first Ctrl-C
 
     # -- setup -----------------------------------------------------------------------------------
     def _check_output_dir(self) -> None:
@@ -132,9 +135,17 @@ class Trainer:
             print(f"[metabolic] resumed from step {self.state.step} (epoch {self.state.epoch})", file=sys.stderr)
 
     def _on_signal(self, signum, frame) -> None:
-        """Stop at the next step with a checkpoint; a second Ctrl-C quits at once, without one."""
-        if signum == signal.SIGINT and self._stop_requested:
+        """Stop at the next step with a checkpoint; a second Ctrl-C quits at once, without one.
+
+        A launcher that forwards Ctrl-C to ranks in the terminal's process group delivers it twice
+        within moments; only a Ctrl-C that comes a while after the first counts as the second."""
+        now = time.monotonic()
+        if signum == signal.SIGINT and self._first_sigint is not None and now - self._first_sigint > SECOND_CTRL_C_S:
             raise KeyboardInterrupt
+        if signum == signal.SIGINT and self._first_sigint is None:
+            self._first_sigint = now
+        if self._stop_requested:
+            return
         self._stop_requested = True
         if signum == signal.SIGINT and self.is_main:
             print("\n[metabolic] Ctrl-C: stopping at the next step with a checkpoint (Ctrl-C again: quit without one)",
