@@ -43,21 +43,16 @@ def test_fixed_price_without_budget_and_cosine_plan():
 
 def test_an_epoch_without_steps_moves_the_price_by_the_steps_it_stands_for():
     """log lambda moves by step * k * gap: k = 1 per optimizer step; the end of an epoch that took
-    no step counts its progress in full-data steps (nominal_steps), at most a factor e."""
-    c = JointController(1.0, 100.0, step=0.1, data_scale=1.0, nominal_steps=100)
+    no step counts the steps it takes with every sample (idle_steps), at most a factor e."""
+    c = JointController(1.0, 100.0, step=0.1, data_scale=1.0)
     one = c.update(spent=0.0, progress=0.01)  # nothing spent: gap -1
     assert one == pytest.approx(math.exp(-0.1))
     sparse = c.update(spent=0.0, progress=0.03)  # a step of an epoch that kept half the samples: still k = 1
     assert sparse == pytest.approx(one * math.exp(-0.1))
-    idle = c.update(spent=0.0, progress=0.08, idle=True)  # 5 full-data steps without a step: k = 5
+    idle = c.update(spent=0.0, progress=0.08, idle_steps=5)  # an empty epoch of 5 full-data steps: k = 5
     assert idle == pytest.approx(sparse * math.exp(-0.5))
-    capped = c.update(spent=0.0, progress=0.5, idle=True)  # k = 42: e^-4.2, capped at e^-1
+    capped = c.update(spent=0.0, progress=0.5, idle_steps=42)  # k = 42: e^-4.2, capped at e^-1
     assert capped == pytest.approx(idle * math.exp(-1.0))
-    restored = JointController(1.0, 100.0, step=0.1, data_scale=1.0, nominal_steps=100)
-    restored.load_state_dict(c.state_dict())  # progress travels in checkpoints: no double count on resume
-    assert restored.update(spent=0.0, progress=0.5, idle=True) == pytest.approx(c.price)
-    per_update = JointController(1.0, 100.0, step=0.1, data_scale=1.0)  # without nominal_steps: k = 1
-    assert per_update.update(spent=0.0, progress=0.5, idle=True) == pytest.approx(math.exp(-0.1))
 
 
 def test_controller_meets_budget_on_a_small_run(tmp_path, fmnist):

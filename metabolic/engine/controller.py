@@ -12,9 +12,9 @@ With a budget B the controller raises lambda when the run spends faster than pla
 lowers it when slower (multiplicative dual ascent):
     lambda <- lambda * exp(step * k * (spent / planned - 1)),   planned = B * F(progress),
 with k = 1 after each optimizer step. An epoch whose plan kept no sample takes no step; its end
-counts as the full-data steps that epoch stands for (k = nominal_steps times its progress,
-one update moving lambda by at most a factor e), or else a price that closed the data side
-would barely move and keep it closed for the rest of the run.
+counts as the steps that epoch takes with every sample (k = idle_steps, one update moving lambda
+by at most a factor e), or else a price that closed the data side would barely move and keep it
+closed for the rest of the run.
 An update's size follows the learning rate, so the plan F spreads B like the schedule does:
 F(p) = p for a constant rate, F(p) = p + sin(pi p) / pi for cosine decay (the integral of
 0.5 (1 + cos(pi x)) over [0, p], normalised); a linear plan would overspend early and be left
@@ -45,16 +45,13 @@ class JointController:
     """Holds lambda and pushes it to the optimizer's param groups and the data policy."""
 
     def __init__(self, price: float, budget: Optional[float], step: float, data_scale: float,
-                 optimizer=None, policy=None, schedule: str = "constant", relative: bool = False,
-                 nominal_steps: Optional[int] = None) -> None:
+                 optimizer=None, policy=None, schedule: str = "constant", relative: bool = False) -> None:
         self.price = max(float(price), MIN_PRICE) if budget is not None else float(price)
         self.budget, self.step, self.data_scale, self.schedule = budget, step, data_scale, schedule
         self.optimizer, self.policy, self.relative = optimizer, policy, relative
         self.data_units = 1.0  # proxy units per unit of lambda (relative mode: mean proxy / mean |m_hat|)
         self.data_price = self.price  # lambda the current epoch's plan was made at
         self._log_sum, self._count = 0.0, 0  # log lambda over the steps since that plan
-        self.nominal_steps = nominal_steps  # optimizer steps of the run with every sample (None: k = 1)
-        self._progress = 0.0  # progress at the last update
         self.apply()
 
     @property
@@ -95,18 +92,16 @@ class JointController:
         p = min(max(progress, 0.0), 1.0)
         return p + math.sin(math.pi * p) / math.pi if self.schedule == "cosine" else p
 
-    def update(self, spent: float, progress: float, idle: bool = False) -> float:
+    def update(self, spent: float, progress: float, idle_steps: int = 0) -> float:
         """One dual-ascent step from the global spend so far and the run's progress in [0, 1];
-        `idle`: the end of an epoch that took no step."""
+        `idle_steps`: at the end of an epoch that took no step, the steps it takes with every sample."""
         if self.budget is None or progress <= 0:
             return self.price
         planned = self.budget * self.planned_fraction(progress)
         gap = max(min(spent / planned - 1.0, 5.0), -5.0)
         log_step = self.step * gap
-        if idle and self.nominal_steps:  # the full-data steps this epoch stands for, at most a factor e
-            k = max(progress - self._progress, 0.0) * self.nominal_steps
-            log_step = max(min(log_step * k, MAX_IDLE_LOG_STEP), -MAX_IDLE_LOG_STEP)
-        self._progress = max(self._progress, progress)
+        if idle_steps:  # the steps this empty epoch stands for, at most a factor e
+            log_step = max(min(log_step * idle_steps, MAX_IDLE_LOG_STEP), -MAX_IDLE_LOG_STEP)
         self.price = min(max(self.price * math.exp(log_step), MIN_PRICE), MAX_PRICE)
         self._log_sum += math.log(self.price)
         self._count += 1
@@ -125,14 +120,13 @@ class JointController:
 
     def state_dict(self) -> dict:
         return {"price": self.price, "data_units": self.data_units, "data_price": self.data_price,
-                "log_sum": self._log_sum, "count": self._count, "progress": self._progress}
+                "log_sum": self._log_sum, "count": self._count}
 
     def load_state_dict(self, state: dict) -> None:
         self.price = float(state["price"])
         self.data_units = float(state.get("data_units", 1.0))
         self.data_price = float(state.get("data_price", self.price))
         self._log_sum, self._count = float(state.get("log_sum", 0.0)), int(state.get("count", 0))
-        self._progress = float(state.get("progress", 0.0))
         self.apply()
 
 
@@ -152,7 +146,7 @@ def mean_abs_first_moment(optimizer, group=None) -> float:
     return float(vec[0] / vec[1]) if vec[1] > 0 else 0.0
 
 
-def build_controller(cfg, optimizer, policy, nominal_steps: Optional[int] = None) -> Optional[JointController]:
+def build_controller(cfg, optimizer, policy) -> Optional[JointController]:
     """The controller when energy.controller is on; it prices whichever sides are priced by config."""
     e = cfg.energy
     if not e.controller:
@@ -163,5 +157,4 @@ def build_controller(cfg, optimizer, policy, nominal_steps: Optional[int] = None
     if e.budget is not None:
         budget = e.budget * (cfg.train.epochs if e.budget_per == "epoch" else 1)
     return JointController(e.price, budget, e.price_step, e.data_scale, optimizer=weights, policy=data,
-                           schedule=cfg.train.lr_schedule, relative=e.data_units == "relative",
-                           nominal_steps=nominal_steps)
+                           schedule=cfg.train.lr_schedule, relative=e.data_units == "relative")

@@ -84,7 +84,7 @@ class Trainer:
         self.service = DataService(self.task.num_train, build_policy(cfg.data), cfg.seed, cfg.train.micro_batch_size,
                                    cfg.train.grad_accum, self.info.rank, self.info.world_size, self.info.meta_group,
                                    relative_scores=cfg.data.relative_scores)
-        self.controller = build_controller(cfg, self.optimizer, self.service.policy, self._nominal_steps())
+        self.controller = build_controller(cfg, self.optimizer, self.service.policy)
         self.state = LoopState()
         self.metrics = MetricsWriter(self.out, enabled=self.is_main)
         self.history: list[dict] = []  # per-epoch plan figures
@@ -192,8 +192,8 @@ class Trainer:
         # would otherwise never see a stop signal nor let the controller bring the price down.
         stop, spent = self._agree()
         if self.controller is not None:
-            idle = plan.num_micro_batches == 0  # the end stands for the whole epoch's steps
-            self.controller.update(spent, self._progress(plan, plan.num_micro_batches), idle=idle)
+            idle_steps = self._full_epoch_steps() if plan.num_micro_batches == 0 else 0
+            self.controller.update(spent, self._progress(plan, plan.num_micro_batches), idle_steps=idle_steps)
         self.state.epoch += 1
         self.state.micro = 0
         self.state.done = self.state.epoch >= cfg.train.epochs
@@ -230,14 +230,9 @@ class Trainer:
         return scores
 
     def _full_epoch_steps(self) -> int:
+        """Optimizer steps of an epoch that keeps every sample."""
         t = self.cfg.train
         return -(-len(self.service.table) // (t.micro_batch_size * t.grad_accum * self.info.world_size))
-
-    def _nominal_steps(self) -> int:
-        """Optimizer steps of the whole run with every sample: what progress 0 -> 1 takes at full data."""
-        t = self.cfg.train
-        full = t.epochs * self._full_epoch_steps()
-        return min(full, t.max_steps) if t.max_steps else full
 
     def _expected_steps(self, plan: EpochPlan) -> int:
         """Optimizer steps of the whole run if later epochs keep every sample: exact with full
