@@ -189,12 +189,15 @@ class _MaskedOptimizer(torch.optim.Optimizer):
 
     def _set_last_energy(self, energies: list[torch.Tensor], changes: list[torch.Tensor], numel: int) -> None:
         """Sum the per-tensor figures on the first tensor's device (no host sync)."""
-        device = energies[0].device if energies else torch.device("cpu")
-        e = torch.zeros((), dtype=torch.float64, device=device)
-        c = torch.zeros((), dtype=torch.int64, device=device)
-        for ei, ci in zip(energies, changes):
-            e += ei.to(device, torch.float64)
-            c += ci.to(device, torch.int64)
+        if not energies:
+            e = torch.zeros((), dtype=torch.float64)
+            c = torch.zeros((), dtype=torch.int64)
+        elif len(energies) == 1:  # the usual case under ZeRO: one flat partition
+            e, c = energies[0].to(torch.float64), changes[0].to(torch.int64)
+        else:
+            device = energies[0].device
+            e = torch.stack([ei.to(device, torch.float64) for ei in energies]).sum()
+            c = torch.stack([ci.to(device, torch.int64) for ci in changes]).sum()
         self.last_energy_tensors, self._last_numel, self._last_dict = (e, c), numel, None
 
 

@@ -3,7 +3,7 @@
 top-k: sample ~16K positions (one pseudo-random position in each of S equal strata, so a
 buffer with periodic structure - rows of a matrix, layers of a ZeRO partition - is not aliased
 the way a plain stride could be), compute the candidate update only there, and take the
-threshold between the k-th and (k+1)-th largest sampled magnitude with `kthvalue` on the
+threshold between the k-th and (k+1)-th largest sampled magnitude with one `topk` on the
 sample. Using the midpoint rather than the k-th value itself keeps the decision robust to the
 last-ulp differences between backends that compute u in a different order.
 
@@ -31,8 +31,13 @@ def sample_indices(numel: int, seed: int, step: int, salt: int, device: torch.de
     strata = torch.arange(sample_size, device=device, dtype=torch.int64)
     start = (strata * numel) // sample_size
     width = ((strata + 1) * numel) // sample_size - start  # >= 1 since numel > sample_size
-    jitter = element_hash(strata, fmix32(seed ^ 0x5BD1E995) ^ fmix32(step) ^ (salt & _M32))
+    jitter = element_hash(strata, sample_key(seed, step, salt))
     return start + jitter % width
+
+
+def sample_key(seed: int, step: int, salt: int) -> int:
+    """uint32 key that sample_indices mixes each stratum number with (the Triton kernel too)."""
+    return fmix32(seed ^ 0x5BD1E995) ^ fmix32(step) ^ (salt & _M32)
 
 
 def kth_largest_midpoint(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -45,9 +50,14 @@ def kth_largest_midpoint(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.full((), -1.0, device=values.device, dtype=torch.float32)
     if k <= 0:
         return torch.full((), float("inf"), device=values.device, dtype=torch.float32)
-    # kthvalue is 1-based over ascending order: the k-th largest is the (n-k+1)-th smallest
-    kth = torch.kthvalue(values, n - k + 1).values
-    next_ = torch.kthvalue(values, n - k).values
+    # One partial selection gives both order statistics (two kthvalue calls cost twice, and
+    # CUDA's kthvalue runs a single block per slice). Take the smaller end of the order.
+    if k <= n - k:
+        top = torch.topk(values, k + 1, largest=True, sorted=True).values
+        kth, next_ = top[k - 1], top[k]
+    else:
+        low = torch.topk(values, n - k + 1, largest=False, sorted=True).values
+        kth, next_ = low[n - k], low[n - k - 1]
     return (0.5 * (kth.double() + next_.double())).float()
 
 

@@ -7,7 +7,8 @@ energy and changed count. Partials go to a buffer (one slot per program, no floa
 are summed with torch afterwards, so results are deterministic run to run.
 
 Thresholds are device tensors computed before the launch (threshold.py), so no host sync:
-- topk: |u_total| of a ~16K gathered sample -> midpoint threshold (same code as the fallback).
+- topk: `_sample_abs_kernel` computes |u_total| at the ~16K positions of
+  threshold.sample_indices in one launch -> midpoint threshold (same rule as the fallback).
 - block: pass 1 (`_block_sq_kernel`) writes each block's squared L2 norm of u_total without
   touching any state; torch picks the top fraction of blocks; pass 2 is the main kernel reading
   a per-block keep flag. The candidate is computed twice; the alternative (materialising u)
@@ -25,9 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fallback import _candidate as _torch_candidate, _hp
 from .spec import StepSpec, hash_base
-from .threshold import block_threshold, num_blocks, sample_indices, topk_threshold
+from .threshold import SAMPLE_SIZE, block_threshold, num_blocks, sample_key, topk_threshold
 
 RULE_IDS = {"dense": 0, "topk": 1, "hard": 2, "soft": 3, "random": 4, "block": 5}
 MIN_BLOCK = 1024
@@ -92,11 +92,11 @@ def _candidate(p, g, m, v, r, lr, wd, c1, c2, c3, eps, step_size, bc2_sqrt, mom_
     return u, eta, m_new, v_new
 
 
-@triton.jit
-def _masked_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, pbf_ptr, thr_ptr, keep_ptr, hi_ptr,
+@triton.jit(do_not_specialize=["rand_key", "rand_thr"])
+def _masked_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, pbf_ptr, thr_ptr, keep_ptr,
                         part_e_ptr, part_c_ptr, n, size_class,
                         lr, wd, c1, c2, c3, eps, step_size, bc2_sqrt, price, mom_a, mom_b, mom,
-                        alpha, block_size, decay, count_price,
+                        alpha, block_size, decay, count_price, rand_key, rand_thr,
                         KIND: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
                         RESIDUAL: tl.constexpr, RULE: tl.constexpr, ALPHA_MODE: tl.constexpr,
                         HAS_BF16: tl.constexpr, BLOCK: tl.constexpr):
@@ -120,9 +120,9 @@ def _masked_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, pbf_ptr, thr_ptr, kee
         elif RULE == 2:
             keep = u * u > 2.0 * price * eta
         elif RULE == 4:
-            base = tl.load(hi_ptr).to(tl.uint32, bitcast=True)
-            h = _fmix32(offs.to(tl.uint32) ^ base)
-            keep = (h >> 8).to(tl.int32) < tl.load(hi_ptr + 1)
+            # rand_key: hash_base as an int32 bit pattern (a scalar, so no copy to the device)
+            h = _fmix32(offs.to(tl.uint32) ^ rand_key.to(tl.uint32, bitcast=True))
+            keep = (h >> 8).to(tl.int32) < rand_thr
         else:
             keep = tl.load(keep_ptr + offs // block_size, mask=mask, other=0) != 0
         dw = tl.where(keep, u, zero)
@@ -169,12 +169,38 @@ def _block_sq_kernel(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, out_ptr, n, block_size,
     tl.store(out_ptr + b, tl.sum(acc, axis=0))
 
 
+@triton.jit(do_not_specialize=["key"])
+def _sample_abs_kernel(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, out_ptr, n, S, key,
+                       lr, wd, c1, c2, c3, eps, step_size, bc2_sqrt, mom_a, mom_b, mom,
+                       KIND: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
+                       RESIDUAL: tl.constexpr, CHUNK: tl.constexpr):
+    # |u_total| at threshold.sample_indices' positions, in one launch instead of ~40 small ones;
+    # S = min(n, SAMPLE_SIZE), so S == n gives start = stratum, width = 1 (every position).
+    stratum = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    smask = stratum < S
+    s64 = stratum.to(tl.int64)
+    start = (s64 * n) // S
+    width = ((s64 + 1) * n) // S - start
+    jitter = _fmix32(stratum.to(tl.uint32) ^ key.to(tl.uint32, bitcast=True)).to(tl.int64)
+    offs = start + jitter % width
+    p, g, m, v, r = _load_state(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, offs, smask, KIND, HAS_MOM, RESIDUAL)
+    u, eta, m_new, v_new = _candidate(p, g, m, v, r, lr, wd, c1, c2, c3, eps, step_size,
+                                      bc2_sqrt, mom_a, mom_b, mom, KIND, HAS_MOM, NESTEROV,
+                                      RESIDUAL)
+    tl.store(out_ptr + stratum, tl.abs(u), mask=smask)
+
+
 _CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8)]
 _masked_step_autotuned = triton.autotune(
     configs=_CONFIGS, key=["size_class"],
     restore_value=["p_ptr", "m_ptr", "v_ptr", "r_ptr", "pbf_ptr"],
     reset_to_zero=["part_e_ptr", "part_c_ptr"],
 )(_masked_step_kernel)
+
+
+def _i32(x: int) -> int:
+    """The int32 bit pattern of a uint32 (kernels bitcast it back)."""
+    return x - (1 << 32) if x >= (1 << 31) else x
 
 
 def _interpreting() -> bool:
@@ -195,7 +221,6 @@ def triton_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec,
     m = (state.get("exp_avg", state.get("momentum_buffer")) if has_mom else None)
     v = state.get("exp_avg_sq")
     r = state.get("residual") if spec.residual else None
-    hp = _hp(spec, dev)
     if spec.kind == "adamw":
         sc = dict(lr=spec.lr, wd=spec.weight_decay, c1=1.0 - spec.beta1, c2=spec.beta2,
                   c3=1.0 - spec.beta2, eps=spec.eps, step_size=spec.lr / spec.bias_correction1,
@@ -207,36 +232,37 @@ def triton_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec,
     flags = dict(KIND=0 if spec.kind == "adamw" else 1, HAS_MOM=has_mom,
                  NESTEROV=bool(spec.nesterov), RESIDUAL=bool(spec.residual))
     dummy = p
-    thr = torch.zeros(1, dtype=torch.float32, device=dev)
-    keep = torch.zeros(1, dtype=torch.int8, device=dev)
+    # At a few million elements the step is bound by launches on the host, so no allocation or
+    # copy is made that the rule does not read: unused pointer slots alias p.
+    thr = keep = dummy
+    state_ptrs = (dummy if m is None else m, dummy if v is None else v, dummy if r is None else r)
     if spec.select == "topk":
-        idx = sample_indices(n, spec.seed, spec.step, spec.salt, dev)
-        gathered = [None if t is None else t[idx] for t in (p, g.float(), m, v, r)]
-        u_s, _, _, _ = _torch_candidate(*gathered, hp, spec.kind, has_mom, spec.nesterov,
-                                        spec.residual)
-        thr = topk_threshold(u_s.abs(), spec.fraction).reshape(1)
+        S = min(n, SAMPLE_SIZE)
+        u_abs = torch.empty(S, dtype=torch.float32, device=dev)
+        key = _i32(sample_key(spec.seed, spec.step, spec.salt))
+        _sample_abs_kernel[(triton.cdiv(S, 1024),)](p, g, *state_ptrs, u_abs, n, S, key, **sc,
+                                                    **flags, CHUNK=1024)
+        thr = topk_threshold(u_abs, spec.fraction).reshape(1)
     elif spec.select == "block":
         nb = num_blocks(n, spec.block_size)
         sq = torch.empty(nb, dtype=torch.float32, device=dev)
         chunk = min(triton.next_power_of_2(spec.block_size), 4096 if _interpreting() else 1024)
-        _block_sq_kernel[(nb,)](p, g, dummy if m is None else m, dummy if v is None else v,
-                                dummy if r is None else r, sq, n, spec.block_size, **sc,
-                                **flags, CHUNK=chunk)
+        _block_sq_kernel[(nb,)](p, g, *state_ptrs, sq, n, spec.block_size, **sc, **flags,
+                                CHUNK=chunk)
         keep = (sq > block_threshold(sq, spec.fraction)).to(torch.int8)
-    base = hash_base(spec.seed, spec.step, spec.salt)
-    base = base - (1 << 32) if base >= (1 << 31) else base  # int32 bit pattern
-    hi = torch.tensor([base, spec.random_threshold], dtype=torch.int32, device=dev)
+    # one slot per program of the smallest BLOCK; energies as fp32 bits next to the counts, so
+    # a single fill zeroes both
     nparts = triton.cdiv(n, MIN_BLOCK)
-    part_e = torch.zeros(nparts, dtype=torch.float32, device=dev)
-    part_c = torch.zeros(nparts, dtype=torch.int32, device=dev)
+    parts = torch.zeros(2 * nparts, dtype=torch.int32, device=dev)
+    part_e, part_c = parts[:nparts].view(torch.float32), parts[nparts:]
     alpha_mode = 0 if spec.alpha == 0.0 else (1 if spec.alpha == 1.0 else 2)
-    args = (p, g, dummy if m is None else m, dummy if v is None else v,
-            dummy if r is None else r, dummy if out_bf16 is None else out_bf16,
-            thr, keep, hi, part_e, part_c, n, triton.next_power_of_2(n))
+    args = (p, g, *state_ptrs, dummy if out_bf16 is None else out_bf16, thr, keep, part_e,
+            part_c, n, triton.next_power_of_2(n))
     kw = dict(**sc, price=spec.price, alpha=float(spec.alpha), block_size=spec.block_size,
               decay=float(spec.residual_decay), count_price=float(spec.count_price),
-              RULE=RULE_IDS[spec.select], ALPHA_MODE=alpha_mode, HAS_BF16=out_bf16 is not None,
-              **flags)
+              rand_key=_i32(hash_base(spec.seed, spec.step, spec.salt)),
+              rand_thr=spec.random_threshold, RULE=RULE_IDS[spec.select],
+              ALPHA_MODE=alpha_mode, HAS_BF16=out_bf16 is not None, **flags)
     if block is None and _interpreting():
         block = 4096
     if block is None:
@@ -244,4 +270,4 @@ def triton_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec,
     else:
         assert block >= MIN_BLOCK and block & (block - 1) == 0, "block must be a power of 2 >= 1024"
         _masked_step_kernel[(triton.cdiv(n, block),)](*args, **kw, BLOCK=block, num_warps=4)
-    return part_e.double().sum(), part_c.long().sum()
+    return part_e.sum(dtype=torch.float64), part_c.sum(dtype=torch.int64)
