@@ -20,17 +20,35 @@ def _controller(budget=100.0, schedule="constant"):
 
 
 def test_price_rises_when_overspending_and_falls_when_underspending():
+    """Each step's spend is compared with its share of the budget still left (constant plan)."""
     c, opt, policy = _controller()
     assert opt.param_groups[0]["price"] == 0.5 and policy.price == 1.0  # one price, published to both sides
-    up = c.update(spent=80.0, progress=0.5)  # planned 50: overspending
-    assert up > 0.5 and opt.param_groups[0]["price"] == up
+    up = c.update(spent=10.0, progress=0.05)  # share 5 of 100: spent twice that, gap +1
+    assert up == pytest.approx(0.5 * math.exp(0.5)) and opt.param_groups[0]["price"] == up
     assert policy.price == 1.0  # samples are priced once per epoch plan, not per step
-    down = c.update(spent=60.0, progress=0.9)  # planned 90: underspending
-    assert down < up
-    same = c.update(spent=45.0, progress=0.45)  # on plan
+    down = c.update(spent=12.0, progress=0.15)  # 90 left over 0.95 of the plan: share 9.47, spent 2
+    assert down == pytest.approx(up * math.exp(0.5 * (2.0 / (90 * 0.10 / 0.95) - 1.0)))
+    same = c.update(spent=12.0 + 88.0 * 0.10 / 0.85, progress=0.25)  # exactly its share
     assert same == pytest.approx(down)
+    assert c.update(spent=12.0 + 88.0 * 0.10 / 0.85, progress=0.25) == same  # no progress: no step
     c.begin_epoch()  # the next plan pays the geometric mean of the epoch's lambdas
     assert policy.price == pytest.approx(2.0 * math.exp((math.log(up) + math.log(down) + math.log(same)) / 3))
+
+
+def test_a_shortfall_does_not_wind_the_price_down_while_steps_overspend():
+    """Half the run spent nothing (say the data side was closed); then a step spends 4x the share
+    that the remaining budget gives it. The running total is still far below a fixed plan (40 of
+    55), but the price must rise, or the run overshoots its budget once spending resumes."""
+    c, _, _ = _controller()
+    c.update(spent=0.0, progress=0.5)
+    before = c.price
+    assert c.update(spent=40.0, progress=0.55) == pytest.approx(before * math.exp(0.5 * 3.0))
+    over = c.update(spent=120.0, progress=0.6)  # past the budget: the gap is taken at its cap
+    assert over == pytest.approx(c.price) and over == pytest.approx(before * math.exp(0.5 * 3.0 + 0.5 * 5.0))
+    fresh, _, _ = _controller()
+    fresh.load_state_dict({"price": 0.5})  # a checkpoint from before the pace was saved
+    assert fresh.update(spent=50.0, progress=0.5) == 0.5  # anchors instead of pacing from zero
+    assert fresh.update(spent=55.0, progress=0.55) == pytest.approx(0.5)  # 50 left, share 5: on plan
 
 
 def test_fixed_price_without_budget_and_cosine_plan():

@@ -187,8 +187,16 @@ def _wait_for(path, n_lines: int, proc, timeout: float = 240) -> None:
     raise AssertionError("run did not reach the step to interrupt")
 
 
-def test_resume_after_preemption_equals_uninterrupted(tmp_path, fmnist):
-    args = [*SMALL, "train.epochs=2", "train.checkpoint_every=5"]
+JOINT_BUDGET = ["optimizer.name=masked_adamw", "optimizer.select=soft", "data.policy=price",
+                "energy.controller=true", "energy.budget=150", "energy.price=0.001",
+                "energy.price_step=1.0", "energy.data_scale=100"]
+
+
+@pytest.mark.parametrize("extra", [[], JOINT_BUDGET], ids=["dense", "joint_budget"])
+def test_resume_after_preemption_equals_uninterrupted(tmp_path, fmnist, extra):
+    """joint_budget: the controller's price and its pace (spend and progress at the last
+    update) travel in the checkpoint, so the resumed run prices every step the same."""
+    args = [*SMALL, "train.epochs=2", "train.checkpoint_every=5", *extra]
     full = tmp_path / "full"
     ok(metabolic("train", str(CONFIG), f"output_dir={full}", *args))
 

@@ -190,7 +190,7 @@ class EnergyConfig:
     budget_per: str = "run"
     """Controller: the budget is for the whole run or per epoch."""
     price_step: float = 0.5
-    """Controller: dual-ascent step size (log lambda moves by step * relative overspend)."""
+    """Controller: dual-ascent step size (log lambda moves by step * a step's relative overspend of its share)."""
     data_scale: float = 1.0
     """Controller: threshold on the sample proxy (1 - p, or loss) per unit of lambda."""
     data_units: str = "absolute"

@@ -8,10 +8,15 @@ The relaxed problem `min L(w_T) + lambda * M` (DESIGN.md section 1) gives both r
 With AdamW both quantities live on a unit scale (the normalised update |m/sqrt(v)| and
 1 - p are both in about [0, 1]), so data_scale = 1 puts them on the same price.
 
-With a budget B the controller raises lambda when the run spends faster than planned and
-lowers it when slower (multiplicative dual ascent):
-    lambda <- lambda * exp(step * k * (spent / planned - 1)),   planned = B * F(progress),
-with k = 1 after each optimizer step. An epoch whose plan kept no sample takes no step; its end
+With a budget B the controller paces the spend: after each optimizer step it compares what the
+step spent with the share of the remaining budget that the plan gives the step, and raises
+lambda when the step spent more, lowers it when less (multiplicative dual ascent):
+    lambda <- lambda * exp(step * k * (spent_step / planned_step - 1)),
+    planned_step = (B - spent_before) * (F(p) - F(p_before)) / (1 - F(p_before)),
+with k = 1 after each optimizer step. Comparing rates against the remaining budget, not the
+running total against a fixed plan, keeps an early shortfall from winding lambda down: once the
+data side reopened after an empty epoch, the running total stayed below plan while each step
+spent many times its share, lambda kept falling, and the run overshot its budget by 18%. An epoch whose plan kept no sample takes no step; its end
 counts as the steps that epoch takes with every sample (k = idle_steps, one update moving lambda
 by at most a factor e), or else a price that closed the data side would barely move and keep it
 closed for the rest of the run.
@@ -52,6 +57,7 @@ class JointController:
         self.data_units = 1.0  # proxy units per unit of lambda (relative mode: mean proxy / mean |m_hat|)
         self.data_price = self.price  # lambda the current epoch's plan was made at
         self._log_sum, self._count = 0.0, 0  # log lambda over the steps since that plan
+        self._spent, self._progress = 0.0, 0.0  # at the last update: the pace is measured from there
         self.apply()
 
     @property
@@ -95,10 +101,16 @@ class JointController:
     def update(self, spent: float, progress: float, idle_steps: int = 0) -> float:
         """One dual-ascent step from the global spend so far and the run's progress in [0, 1];
         `idle_steps`: at the end of an epoch that took no step, the steps it takes with every sample."""
-        if self.budget is None or progress <= 0:
-            return self.price
-        planned = self.budget * self.planned_fraction(progress)
-        gap = max(min(spent / planned - 1.0, 5.0), -5.0)
+        if self.budget is not None and self._progress < 0:  # a checkpoint without the pace's anchor
+            self._spent, self._progress = spent, progress
+        if self.budget is None or progress <= self._progress:
+            return self.price  # no budget, or no progress since the last update: nothing to pace
+        done = self.planned_fraction(self._progress)
+        share = (self.planned_fraction(progress) - done) / (1.0 - done) if done < 1.0 else 1.0
+        planned = (self.budget - self._spent) * share
+        step_spent = spent - self._spent
+        self._spent, self._progress = spent, progress
+        gap = 5.0 if planned <= 0 else max(min(step_spent / planned - 1.0, 5.0), -5.0)
         log_step = self.step * gap
         if idle_steps:  # the steps this empty epoch stands for, at most a factor e
             log_step = max(min(log_step * idle_steps, MAX_IDLE_LOG_STEP), -MAX_IDLE_LOG_STEP)
@@ -120,13 +132,17 @@ class JointController:
 
     def state_dict(self) -> dict:
         return {"price": self.price, "data_units": self.data_units, "data_price": self.data_price,
-                "log_sum": self._log_sum, "count": self._count}
+                "log_sum": self._log_sum, "count": self._count, "spent": self._spent,
+                "progress": self._progress}
 
     def load_state_dict(self, state: dict) -> None:
         self.price = float(state["price"])
         self.data_units = float(state.get("data_units", 1.0))
         self.data_price = float(state.get("data_price", self.price))
         self._log_sum, self._count = float(state.get("log_sum", 0.0)), int(state.get("count", 0))
+        # older checkpoints lack the anchor: the next update sets it instead of pacing from zero
+        self._spent = float(state.get("spent", 0.0))
+        self._progress = float(state.get("progress", -1.0))
         self.apply()
 
 
