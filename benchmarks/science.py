@@ -151,7 +151,14 @@ def main() -> None:
         if info.rank == 0 and not args.json:
             print(f"== {name} ({'quick' if args.quick else 'full'}): ratios to dense in parentheses")
             print_table(rows, TASKS[name]["metric"])
-            print(compare([root / name / r["method"] for r in rows], out=root / f"{name}_compare.png").splitlines()[-1])
+            # rows reused by --resume may come from runs kept elsewhere: plot the runs that are here
+            dirs = [root / name / r["method"] for r in rows]
+            here = [d for d in dirs if (d / "metrics.jsonl").exists()]
+            if len(here) < len(dirs):
+                print(f"plot leaves out runs not under {root / name}: "
+                      f"{', '.join(d.name for d in dirs if d not in here)}")
+            if here:
+                print(compare(here, out=root / f"{name}_compare.png").splitlines()[-1])
     if info.rank == 0 and args.json:
         print(json.dumps(all_rows))
     shutdown_distributed()
