@@ -4,8 +4,11 @@ Runs, with the same nominal epochs and seed: dense; pdd_difficulty; pdd_random; 
 topk weights (fraction 0.1); random weights (0.1); the joint controller at two budgets (low and
 high, as fractions of dense's energy/metabolic); and dense_matched, dense stopped at the number of
 optimizer steps joint_low took (the fair baseline: a method that takes fewer steps must beat
-simply training less). Prints one table per task with each figure's ratio to dense, writes a plot,
-and with --json prints the rows (method + DESIGN.md metric names).
+simply training less); and dense_energy_low / _high, dense on a schedule shortened by the share
+of dense's energy/metabolic that each joint run spent (a cosine run's spend scales with its
+length), i.e. dense at about equal energy. Prints one table per task with each figure's ratio to dense, a table of every run's
+metric at the joint runs' energies (interpolated between its evaluations), writes a plot, and
+with --json prints the rows (method + DESIGN.md metric names).
 
     python benchmarks/science.py --quick          # CI-sized: small subsets, ~minutes on 2 cores
     python benchmarks/science.py                  # full: default Fashion-MNIST experiment and lm_tiny
@@ -33,6 +36,8 @@ METHODS = [
     ("joint_low", "joint"),
     ("joint_high", "joint"),
     ("dense_matched", "matched"),
+    ("dense_energy_low", "energy:joint_low"),
+    ("dense_energy_high", "energy:joint_high"),
 ]
 JOINT = ["optimizer.name=masked_adamw", "optimizer.select=soft", "data.policy=price", "energy.controller=true",
          "energy.price=0.001", "energy.price_step=0.05", "energy.data_units=relative"]
@@ -83,6 +88,11 @@ def run_task(info, name: str, quick: bool, root: Path, corpus: Path | None, over
             extra = JOINT + task["joint"] + [f"energy.budget={budget}"]
         elif extra == "matched":
             extra = [f"train.max_steps={by_method['joint_low']['step']}"]
+        elif isinstance(extra, str) and extra.startswith("energy:"):
+            # dense on a schedule shortened to spend what the joint run spent
+            dense, joint = by_method["dense"], by_method[extra.split(":")[1]]
+            steps = max(1, round(dense["step"] * joint["energy/metabolic"] / dense["energy/metabolic"]))
+            extra = [f"train.max_steps={steps}"]
         extra = list(extra) + task.get("methods", {}).get(method, [])
         summary = run_method(info, task["config"], base + extra, root / name / method)
         by_method[method] = summary
@@ -158,7 +168,9 @@ def main() -> None:
                 print(f"plot leaves out runs not under {root / name}: "
                       f"{', '.join(d.name for d in dirs if d not in here)}")
             if here:
-                print(compare(here, out=root / f"{name}_compare.png").splitlines()[-1])
+                levels = [r["energy/metabolic"] for r in rows if r["method"].startswith("joint_")]
+                text = compare(here, out=root / f"{name}_compare.png", at_energy=levels)
+                print(text.split("\n\n", 1)[1])  # the metric at equal energy, and the plot's path
     if info.rank == 0 and args.json:
         print(json.dumps(all_rows))
     shutdown_distributed()

@@ -8,7 +8,7 @@ import pytest
 from helpers import REPO, ok, run
 
 METHODS = ["dense", "pdd_difficulty", "pdd_random", "infobatch", "topk", "random_weights", "joint_low",
-           "joint_high", "dense_matched"]
+           "joint_high", "dense_matched", "dense_energy_low", "dense_energy_high"]
 
 
 @pytest.mark.slow
@@ -25,6 +25,10 @@ def test_quick_science_benchmark(tmp_path, fmnist):
         assert by["dense"]["ratio/energy/metabolic"] == 1.0
         # The fair baseline takes as many optimizer steps as the low-budget joint run.
         assert by["dense_matched"]["step"] == by["joint_low"]["step"]
+        # Dense at about the joint runs' energy: that share of its steps.
+        for level in ("low", "high"):
+            share = by[f"joint_{level}"]["energy/metabolic"] / by["dense"]["energy/metabolic"]
+            assert by[f"dense_energy_{level}"]["step"] == max(1, round(share * by["dense"]["step"]))
         # A 10% mask changes about a tenth of the weights per step; data policies never back-propagate more.
         for m in ("topk", "random_weights"):
             ratio = by[m]["energy/changed_weights"] / by["dense"]["energy/changed_weights"]

@@ -44,8 +44,15 @@ def test_single_process_run_writes_contract(tmp_path, fmnist):
     (out / "report.png").unlink()
     rep = ok(metabolic("report", str(out), timeout=120)).stdout
     assert "accuracy" in rep and f"{s['eval/accuracy']:.4g}" in rep and (out / "report.png").is_file()
-    cmp = ok(metabolic("compare", str(out), str(out), "--out", str(tmp_path / "cmp.png"), timeout=120)).stdout
+    m_end = s["energy/metabolic"]
+    cmp = ok(metabolic("compare", str(out), str(out), "--out", str(tmp_path / "cmp.png"),
+                       "--at-energy", f"{m_end / 1e3},{m_end * 2}", timeout=120)).stdout
     assert cmp.count("(1.00x)") >= 16 and (tmp_path / "cmp.png").is_file()
+    # accuracy at equal energy: nothing evaluated at a thousandth of the spend; the end beyond it
+    table = cmp[cmp.index("eval/accuracy at M="):].splitlines()
+    assert table[2].split() == [out.name, "-", f"{s['eval/accuracy']:.4g}"]
+    bad = metabolic("compare", str(out), "--at-energy", "-5", timeout=60)
+    assert bad.returncode == 2 and "--at-energy" in bad.stderr
     assert metabolic("report", str(tmp_path / "nothing"), timeout=60).returncode == 2
     # A second start in the same folder is refused and loses nothing.
     before = (out / "summary.json").read_text()

@@ -54,6 +54,32 @@ def eval_curve(records: list[dict]) -> tuple[str, list[dict]]:
     return key, [r for r in records if r.get(key) is not None]
 
 
+def metric_at(records: list[dict], x: float, xkey: str = "energy/metabolic") -> Optional[float]:
+    """The run's eval metric when its `xkey` (cumulative) reached x, interpolated linearly between
+    evaluations; a run that never spent x ends below it, so its last value stands. None when x
+    comes before the first evaluation (nothing measured there)."""
+    key, evals = eval_curve(records)
+    points = [(r[xkey], r[key]) for r in evals if r.get(xkey) is not None]
+    if not points or x < points[0][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+def at_energy_table(runs: list[tuple[str, list[dict]]], levels: list[float]) -> str:
+    """Each run's eval metric at each level of energy/metabolic ("-": no evaluation that early)."""
+    key = eval_curve(runs[0][1])[0] if runs else "eval"
+    rows = [["run"] + [f"{key} at M={_fmt(m)}" for m in levels]]
+    for name, records in runs:
+        rows.append([name] + ["-" if v is None else _fmt(v) for v in (metric_at(records, m) for m in levels)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
 def epoch_fractions(summary: dict, records: list[dict]) -> list[dict]:
     """Per epoch: kept-sample fraction (the data plan) and changed-weight fraction (the ledger)."""
     out = []
@@ -156,11 +182,16 @@ def report(run_dir: str | Path) -> str:
     return text
 
 
-def compare(run_dirs: list[str | Path], out: Optional[str | Path] = None) -> str:
-    """Runs side by side with each figure's ratio to the first run (the baseline); writes one plot."""
+def compare(run_dirs: list[str | Path], out: Optional[str | Path] = None,
+            at_energy: Optional[list[float]] = None) -> str:
+    """Runs side by side with each figure's ratio to the first run (the baseline); writes one plot.
+    at_energy: also each run's eval metric when it had spent each of these energy/metabolic levels
+    (accuracy at equal energy, from the evaluations along the run)."""
     runs = [(run_name(d, s), s, r) for d in run_dirs for s, r in [load_run(d)]]
     baseline = runs[0][1]
     text = format_table([(name, s) for name, s, _ in runs], baseline=baseline)
+    if at_energy:
+        text += "\n\n" + at_energy_table([(name, r) for name, _, r in runs], at_energy)
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, _, records in runs:

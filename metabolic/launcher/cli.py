@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Optional
@@ -128,11 +129,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _energy_levels(text: str) -> list[float]:
+    """--at-energy: comma-separated positive numbers."""
+    try:
+        levels = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--at-energy takes numbers like 2000,8000, got {text!r}") from None
+    if not levels or any(not (v > 0 and math.isfinite(v)) for v in levels):
+        raise argparse.ArgumentTypeError(f"--at-energy levels must be finite and > 0, got {text!r}")
+    return levels
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from metabolic.engine.report import RunMissingError, compare
 
     try:
-        print(compare(args.run_dirs, out=args.out))
+        print(compare(args.run_dirs, out=args.out, at_energy=args.at_energy))
     except (RunMissingError, ValueError) as err:
         return _error(str(err))
     return 0
@@ -199,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="several runs side by side, each figure's ratio to the first (baseline)")
     p.add_argument("run_dirs", nargs="+", help="run folders; the first is the baseline")
     p.add_argument("--out", default=None, help="plot path (default: compare.png beside the first run)")
+    p.add_argument("--at-energy", type=_energy_levels, default=None, metavar="M[,M...]",
+                   help="also each run's eval metric when it had spent these energy/metabolic levels")
     p.set_defaults(func=cmd_compare)
     return parser
 
