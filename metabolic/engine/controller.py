@@ -13,13 +13,14 @@ step spent with the share of the remaining budget that the plan gives the step, 
 lambda when the step spent more, lowers it when less (multiplicative dual ascent):
     lambda <- lambda * exp(step * k * (spent_step / planned_step - 1)),
     planned_step = (B - spent_before) * (F(p) - F(p_before)) / (1 - F(p_before)),
-with k = 1 after each optimizer step. Comparing rates against the remaining budget, not the
-running total against a fixed plan, keeps an early shortfall from winding lambda down: once the
-data side reopened after an empty epoch, the running total stayed below plan while each step
-spent many times its share, lambda kept falling, and the run overshot its budget by 18%. An epoch whose plan kept no sample takes no step; its end
-counts as the steps that epoch takes with every sample (k = idle_steps, one update moving lambda
-by at most a factor e), or else a price that closed the data side would barely move and keep it
-closed for the rest of the run.
+with k = 1 after each optimizer step; once B is spent the gap is taken at its cap. Comparing
+rates against the remaining budget, not the running total against a fixed plan, keeps an early
+shortfall from winding lambda down: once the data side reopened after an empty epoch, the
+running total stayed below plan while each step spent many times its share, lambda kept
+falling, and the run overshot its budget by 18%.
+An epoch whose plan kept no sample takes no step; its end counts as the steps that epoch takes
+with every sample (k = idle_steps, one update moving lambda by at most a factor e), or else a
+price that closed the data side would barely move and keep it closed for the rest of the run.
 An update's size follows the learning rate, so the plan F spreads B like the schedule does:
 F(p) = p for a constant rate, F(p) = p + sin(pi p) / pi for cosine decay (the integral of
 0.5 (1 + cos(pi x)) over [0, p], normalised); a linear plan would overspend early and be left
