@@ -2,6 +2,7 @@
 
     python benchmarks/optimizer_step.py [--params 25000000] [--device cpu|cuda] [--threads 1]
                                         [--backend auto|native|torch|triton] [--json]
+    python benchmarks/optimizer_step.py --profile topk   # where one rule's step spends its time
 
 One flat fp32 parameter of N elements with a fixed random gradient. Each rule's step alternates
 with a fused AdamW step on its own copy (warmup also pays torch.compile / Triton autotuning);
@@ -108,6 +109,33 @@ def run(n: int, device: str, warmup: int, repeats: int, names: list[str] | None 
             "fused_adamw_ms": round(statistics.median(fused_all), 3), "rules": rules}
 
 
+def profile(n: int, device: str, rule: str, backend: str, steps: int = 20) -> str:
+    """torch.profiler over `steps` masked steps of one rule: top ops by host time and by device
+    time (at a few million params a GPU step is bound by launches on the host)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    p = _param(n, device)
+    opt = MaskedAdamW([p], lr=1e-3, backend=backend, **RULES[rule])
+    _prime(opt, p)
+    for _ in range(3):  # compile / autotune outside the profile
+        opt.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    table = prof.key_averages()
+    text = f"{steps} masked {rule} steps, {n:,} params on {device}\n"
+    text += table.table(sort_by="self_cpu_time_total", row_limit=15)
+    if device == "cuda":
+        text += "\n" + table.table(sort_by="cuda_time_total", row_limit=10)
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=int, default=25_000_000)
@@ -120,13 +148,20 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", choices=[b for b in BACKENDS if b != "reference"],
                     help="masked step backend (auto: Triton on CUDA, native C step on CPU)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ap.add_argument("--profile", default=None, metavar="RULE",
+                    help="instead of timing: profile 20 steps of this rule (torch.profiler tables)")
     args = ap.parse_args()
     names = args.rules.split(",")
     unknown = sorted(set(names) - set(RULES))
     if unknown:
         ap.error(f"--rules: unknown {unknown}; choose from {list(RULES)}")
+    if args.profile is not None and (args.profile not in RULES or args.profile == "ledger"):
+        ap.error(f"--profile: unknown rule {args.profile!r}; choose from {[r for r in RULES if r != 'ledger']}")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    if args.profile:
+        print(profile(args.params, args.device, args.profile, args.backend))
+        return
     res = run(args.params, args.device, args.warmup, args.repeats, names, args.backend)
     if args.json:
         print(json.dumps(res))
