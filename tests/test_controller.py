@@ -128,15 +128,34 @@ def test_relative_data_units_need_masked_adamw():
 
 def test_an_epoch_that_keeps_no_sample_still_lowers_the_price(tmp_path, fmnist):
     """Far under budget, with a slow price step that keeps the data threshold (10 * lambda) above
-    any gap (1 - p <= 1): epochs 2-4 plan no sample and take no step, and only the epoch-end
-    update can bring lambda down."""
+    any gap (1 - p <= 1) and re-pricing before the epoch off: epochs 2-4 plan no sample and take
+    no step, and only the epoch-end update can bring lambda down."""
     out = tmp_path / "empty"
     ok(metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=4", "data.policy=price",
                  "energy.controller=true", "energy.budget=1e6", "energy.price=1.0", "energy.price_step=0.01",
-                 "energy.data_scale=10"))
+                 "energy.data_scale=10", "energy.reprice_empty=0"))
     s = summary(out)
     assert [e["kept_fraction"] for e in s["epochs"]][1:] == [0.0, 0.0, 0.0]
     ends = [r for r in records(out) if "eval/accuracy" in r]  # one record per epoch end
     prices = [r["energy/price"] for r in ends]
     assert len(prices) == 4 and all(b < a for a, b in zip(prices, prices[1:])), prices
     assert len({r["step"] for r in ends[1:]}) == 1  # no step was taken after epoch 1
+
+
+def test_an_empty_plan_with_budget_left_is_repriced_before_the_epoch(tmp_path, fmnist):
+    """Same run with re-pricing on: each empty plan lowers lambda by e and plans again, so no
+    epoch is wasted; with the budget spent, an empty plan stays empty."""
+    args = [*SMALL, "train.epochs=3", "data.policy=price", "energy.controller=true", "energy.price=1.0",
+            "energy.price_step=0.01", "energy.data_scale=10"]
+    out = tmp_path / "repriced"
+    ok(metabolic("train", str(CONFIG), f"output_dir={out}", *args, "energy.budget=1e6", "energy.reprice_empty=5"))
+    kept = [e["kept_fraction"] for e in summary(out)["epochs"]]
+    assert kept[0] == 1.0 and all(k > 0 for k in kept[1:]), kept
+    # the first record of epoch 2 trained at a price at least e^-3 below the end of epoch 1
+    # (10 * lambda must fall below 1 - p, which is below 1, before any sample passes)
+    ends = [r for r in records(out) if "eval/accuracy" in r]
+    first = next(r for r in records(out) if r["epoch"] == 1 and r["step"] > ends[0]["step"])
+    assert first["energy/data_threshold"] < 1.0 < ends[0]["energy/data_threshold"]
+    spent = tmp_path / "spent"  # a budget already spent in epoch 1: nothing to re-price with
+    ok(metabolic("train", str(CONFIG), f"output_dir={spent}", *args, "energy.budget=1e-3"))
+    assert [e["kept_fraction"] for e in summary(spent)["epochs"]][1:] == [0.0, 0.0]

@@ -195,6 +195,8 @@ class EnergyConfig:
     """Controller: threshold on the sample proxy (1 - p, or loss) per unit of lambda."""
     data_units: str = "absolute"
     """Controller: 'absolute' (threshold = data_scale * lambda) or 'relative' (times mean proxy / mean |m_hat|)."""
+    reprice_empty: int = 5
+    """Controller: with budget left, an epoch plan that keeps no sample is re-priced (lambda / e) up to this many times."""
 
 
 @dataclass
@@ -321,6 +323,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(e.budget is None or e.budget > 0, "energy.budget", e.budget, "null or > 0")
     _check(e.budget_per in ("run", "epoch"), "energy.budget_per", e.budget_per, "run or epoch")
     _check(e.price_step > 0, "energy.price_step", e.price_step, "> 0")
+    _check(e.reprice_empty >= 0, "energy.reprice_empty", e.reprice_empty, ">= 0")
     _check(e.data_scale > 0, "energy.data_scale", e.data_scale, "> 0")
     _check(e.data_units in ("absolute", "relative"), "energy.data_units", e.data_units, "absolute or relative")
     _check(e.data_units == "absolute" or cfg.optimizer.name == "masked_adamw", "energy.data_units", e.data_units,

@@ -18,9 +18,11 @@ rates against the remaining budget, not the running total against a fixed plan, 
 shortfall from winding lambda down: once the data side reopened after an empty epoch, the
 running total stayed below plan while each step spent many times its share, lambda kept
 falling, and the run overshot its budget by 18%.
-An epoch whose plan kept no sample takes no step; its end counts as the steps that epoch takes
-with every sample (k = idle_steps, one update moving lambda by at most a factor e), or else a
-price that closed the data side would barely move and keep it closed for the rest of the run.
+An epoch whose plan keeps no sample takes no step. With budget left, such a plan is re-priced
+before the epoch (lambda / e, up to energy.reprice_empty times); an epoch that stays empty counts
+at its end as the steps it takes with every sample (k = idle_steps, one update moving lambda by
+at most a factor e), or else a price that closed the data side would barely move and keep it
+closed for the rest of the run.
 An update's size follows the learning rate, so the plan F spreads B like the schedule does:
 F(p) = p for a constant rate, F(p) = p + sin(pi p) / pi for cosine decay (the integral of
 0.5 (1 + cos(pi x)) over [0, p], normalised); a linear plan would overspend early and be left
@@ -59,6 +61,7 @@ class JointController:
         self.data_price = self.price  # lambda the current epoch's plan was made at
         self._log_sum, self._count = 0.0, 0  # log lambda over the steps since that plan
         self._spent, self._progress = 0.0, 0.0  # at the last update: the pace is measured from there
+        self.reprice_limit = 0  # re-pricings of an empty epoch plan (energy.reprice_empty)
         self.apply()
 
     @property
@@ -79,6 +82,19 @@ class JointController:
             self.data_price = self.price
         self._log_sum, self._count = 0.0, 0
         self.apply()
+
+    def reprice_empty_plan(self, spent: float) -> bool:
+        """Before an epoch whose plan keeps no sample: with budget left, lower lambda by the most
+        one epoch-end update may move it (a factor e) and price the plan there; False (nothing
+        changed) without a budget or with none left. An empty epoch takes no step, so lowering
+        the price only after it would waste the epoch, and the run's last epoch entirely."""
+        if self.budget is None or spent >= self.budget:
+            return False
+        factor = math.exp(-MAX_IDLE_LOG_STEP)
+        self.price = max(self.price * factor, MIN_PRICE)
+        self.data_price = max(self.data_price * factor, MIN_PRICE)
+        self.apply()
+        return True
 
     def calibrate_data(self, mean_proxy: float, mean_abs_moment: float) -> None:
         """Relative units: a sample pays lambda / mean|m_hat| per unit of proxy / mean proxy."""
@@ -173,5 +189,7 @@ def build_controller(cfg, optimizer, policy) -> Optional[JointController]:
     budget = None
     if e.budget is not None:
         budget = e.budget * (cfg.train.epochs if e.budget_per == "epoch" else 1)
-    return JointController(e.price, budget, e.price_step, e.data_scale, optimizer=weights, policy=data,
-                           schedule=cfg.train.lr_schedule, relative=e.data_units == "relative")
+    controller = JointController(e.price, budget, e.price_step, e.data_scale, optimizer=weights, policy=data,
+                                 schedule=cfg.train.lr_schedule, relative=e.data_units == "relative")
+    controller.reprice_limit = e.reprice_empty if data is not None else 0
+    return controller

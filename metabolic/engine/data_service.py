@@ -163,6 +163,13 @@ class DataService:
         n = cur["active"].numel()
         return EpochPlan(epoch, batches, w, n, n / max(len(self.table), 1), cur["hash"], refreshed)
 
+    def replan(self, epoch: int, num_epochs: int) -> EpochPlan:
+        """Ask the policy again for an epoch already planned (its price changed); scores are not
+        refreshed a second time."""
+        assert self._current is not None and self._current["epoch"] == epoch, "replan needs a planned epoch"
+        self._current = None
+        return self.plan_epoch(epoch, num_epochs, scorer=None)
+
     @torch.no_grad()
     def refresh(self, epoch: int, scorer: Scorer, batch_size: int = 256) -> int:
         """Re-score stale samples with no-grad forwards split equally over the ranks.

@@ -167,6 +167,7 @@ class Trainer:
                     self.ledger.add_samples(forward=plan.refreshed, tokens=0,
                                             flops=self.flops_per_sample * plan.refreshed)
                 if self.state.micro == 0:
+                    plan = self._reprice_empty(plan)
                     self._record_plan(plan)
                 progress.set_total(self._expected_steps(plan))
                 self._train_epoch(plan, progress)
@@ -175,6 +176,15 @@ class Trainer:
             progress.close()
             self.metrics.close()
         return summary
+
+    def _reprice_empty(self, plan: EpochPlan) -> EpochPlan:
+        """An epoch plan that keeps no sample, with budget left, is re-priced and planned again."""
+        c = self.controller
+        for _ in range(c.reprice_limit if c is not None else 0):
+            if plan.num_active > 0 or not c.reprice_empty_plan(self._agree()[1]):
+                break
+            plan = self.service.replan(self.state.epoch, self.cfg.train.epochs)
+        return plan
 
     def _train_epoch(self, plan: EpochPlan, progress: Progress) -> None:
         cfg, accum = self.cfg, self.cfg.train.grad_accum
