@@ -143,12 +143,13 @@ def test_an_epoch_that_keeps_no_sample_still_lowers_the_price(tmp_path, fmnist):
 
 
 def test_an_empty_plan_with_budget_left_is_repriced_before_the_epoch(tmp_path, fmnist):
-    """Same run with re-pricing on: each empty plan lowers lambda by e and plans again, so no
-    epoch is wasted; with the budget spent, an empty plan stays empty."""
+    """Same run with re-pricing on (energy.reprice_empty, off by default): each empty plan
+    lowers lambda by e and plans again, so no epoch is wasted; with the budget spent, an empty
+    plan stays empty."""
     args = [*SMALL, "train.epochs=3", "data.policy=price", "energy.controller=true", "energy.price=1.0",
-            "energy.price_step=0.01", "energy.data_scale=10"]
+            "energy.price_step=0.01", "energy.data_scale=10", "energy.reprice_empty=5"]
     out = tmp_path / "repriced"
-    ok(metabolic("train", str(CONFIG), f"output_dir={out}", *args, "energy.budget=1e6", "energy.reprice_empty=5"))
+    ok(metabolic("train", str(CONFIG), f"output_dir={out}", *args, "energy.budget=1e6"))
     kept = [e["kept_fraction"] for e in summary(out)["epochs"]]
     assert kept[0] == 1.0 and all(k > 0 for k in kept[1:]), kept
     # the first record of epoch 2 trained at a price at least e^-3 below the end of epoch 1

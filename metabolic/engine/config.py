@@ -195,7 +195,7 @@ class EnergyConfig:
     """Controller: threshold on the sample proxy (1 - p, or loss) per unit of lambda."""
     data_units: str = "absolute"
     """Controller: 'absolute' (threshold = data_scale * lambda) or 'relative' (times mean proxy / mean |m_hat|)."""
-    reprice_empty: int = 5
+    reprice_empty: int = 0
     """Controller: with budget left, an epoch plan that keeps no sample is re-priced (lambda / e) up to this many times."""
 
 

@@ -18,11 +18,11 @@ rates against the remaining budget, not the running total against a fixed plan, 
 shortfall from winding lambda down: once the data side reopened after an empty epoch, the
 running total stayed below plan while each step spent many times its share, lambda kept
 falling, and the run overshot its budget by 18%.
-An epoch whose plan keeps no sample takes no step. With budget left, such a plan is re-priced
-before the epoch (lambda / e, up to energy.reprice_empty times); an epoch that stays empty counts
-at its end as the steps it takes with every sample (k = idle_steps, one update moving lambda by
-at most a factor e), or else a price that closed the data side would barely move and keep it
-closed for the rest of the run.
+An epoch whose plan keeps no sample takes no step. With budget left, such a plan can be
+re-priced before the epoch (lambda / e, up to energy.reprice_empty times, off by default); one
+that stays empty counts at its end as the steps it takes with every sample (k = idle_steps, one
+update moving lambda by at most a factor e), or else a price that closed the data side would
+barely move and keep it closed for the rest of the run.
 An update's size follows the learning rate, so the plan F spreads B like the schedule does:
 F(p) = p for a constant rate, F(p) = p + sin(pi p) / pi for cosine decay (the integral of
 0.5 (1 + cos(pi x)) over [0, p], normalised); a linear plan would overspend early and be left
