@@ -6,9 +6,10 @@ high, as fractions of dense's energy/metabolic); and dense_matched, dense stoppe
 optimizer steps joint_low took (the fair baseline: a method that takes fewer steps must beat
 simply training less); and dense_energy_low / _high, dense on a schedule shortened by the share
 of dense's energy/metabolic that each joint run spent (a cosine run's spend scales with its
-length), i.e. dense at about equal energy. Prints one table per task with each figure's ratio to dense, a table of every run's
-metric at the joint runs' energies (interpolated between its evaluations), writes a plot, and
-with --json prints the rows (method + DESIGN.md metric names).
+length), i.e. dense at about equal energy. Prints one table per task with each figure's ratio
+to dense and a table of every run's metric at the joint runs' energies (interpolated between
+its evaluations), writes a plot, and with --json prints the rows (method + DESIGN.md metric
+names).
 
     python benchmarks/science.py --quick          # CI-sized: small subsets, ~minutes on 2 cores
     python benchmarks/science.py                  # full: default Fashion-MNIST experiment and lm_tiny
@@ -132,7 +133,7 @@ def main() -> None:
 
     from metabolic.data.text import shakespeare_files
     from metabolic.engine.distributed import init_distributed, shutdown_distributed
-    from metabolic.engine.report import compare
+    from metabolic.engine.report import at_energy_table, compare, load_run
 
     info = init_distributed()
     tmp = tempfile.TemporaryDirectory()
@@ -169,8 +170,8 @@ def main() -> None:
                       f"{', '.join(d.name for d in dirs if d not in here)}")
             if here:
                 levels = [r["energy/metabolic"] for r in rows if r["method"].startswith("joint_")]
-                text = compare(here, out=root / f"{name}_compare.png", at_energy=levels)
-                print(text.split("\n\n", 1)[1])  # the metric at equal energy, and the plot's path
+                print(at_energy_table([(d.name, load_run(d)[1]) for d in here], levels))
+                print(compare(here, out=root / f"{name}_compare.png").splitlines()[-1])
     if info.rank == 0 and args.json:
         print(json.dumps(all_rows))
     shutdown_distributed()

@@ -53,7 +53,8 @@ class JointController:
     """Holds lambda and pushes it to the optimizer's param groups and the data policy."""
 
     def __init__(self, price: float, budget: Optional[float], step: float, data_scale: float,
-                 optimizer=None, policy=None, schedule: str = "constant", relative: bool = False) -> None:
+                 optimizer=None, policy=None, schedule: str = "constant", relative: bool = False,
+                 reprice_limit: int = 0) -> None:
         self.price = max(float(price), MIN_PRICE) if budget is not None else float(price)
         self.budget, self.step, self.data_scale, self.schedule = budget, step, data_scale, schedule
         self.optimizer, self.policy, self.relative = optimizer, policy, relative
@@ -61,7 +62,7 @@ class JointController:
         self.data_price = self.price  # lambda the current epoch's plan was made at
         self._log_sum, self._count = 0.0, 0  # log lambda over the steps since that plan
         self._spent, self._progress = 0.0, 0.0  # at the last update: the pace is measured from there
-        self.reprice_limit = 0  # re-pricings of an empty epoch plan (energy.reprice_empty)
+        self.reprice_limit = reprice_limit  # re-pricings of an empty epoch plan (energy.reprice_empty)
         self.apply()
 
     @property
@@ -189,7 +190,6 @@ def build_controller(cfg, optimizer, policy) -> Optional[JointController]:
     budget = None
     if e.budget is not None:
         budget = e.budget * (cfg.train.epochs if e.budget_per == "epoch" else 1)
-    controller = JointController(e.price, budget, e.price_step, e.data_scale, optimizer=weights, policy=data,
-                                 schedule=cfg.train.lr_schedule, relative=e.data_units == "relative")
-    controller.reprice_limit = e.reprice_empty if data is not None else 0
-    return controller
+    return JointController(e.price, budget, e.price_step, e.data_scale, optimizer=weights, policy=data,
+                           schedule=cfg.train.lr_schedule, relative=e.data_units == "relative",
+                           reprice_limit=e.reprice_empty if data is not None else 0)
