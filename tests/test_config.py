@@ -22,6 +22,7 @@ from metabolic.engine.config import ConfigError, load_config
     ("optimizer.lr=inf", "optimizer.lr"),  # every float must be finite
     ("optimizer.betas=[0.9,nan]", "optimizer.betas"),
     ("energy.budget=inf", "energy.budget"),
+    ("data.screen=true", "data.screen"),  # the default policy (full) has no per-sample rule
 ])
 def test_bad_override_names_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -97,6 +97,9 @@ class DataConfig:
     refresh: Optional[bool] = None
     """Re-score samples not trained on last epoch with a no-grad forward before planning
     (null: the policy's default, on for pdd_difficulty/lazy/pdd_matched)."""
+    screen: bool = False
+    """pdd_difficulty / lazy: screen every micro-batch with a no-grad forward at the current weights
+    and train only on the samples the rule keeps now (as published PDD decides per batch)."""
     relative_scores: bool = True
     """Rescale stored losses by the running loss level at recording time (stale-score drift)."""
     text: TextConfig = field(default_factory=lambda: TextConfig())
@@ -229,6 +232,7 @@ OPTIMIZERS = ("adamw", "sgd", "masked_adamw", "masked_sgd")
 SELECT_RULES = ("dense", "topk", "hard", "soft", "random", "block")
 SCHEDULES = ("constant", "cosine")
 POLICIES = ("full", "pdd_difficulty", "lazy", "pdd_random", "pdd_matched", "infobatch", "price")
+SCREENING_POLICIES = ("pdd_difficulty", "lazy")
 PRICE_PROXIES = ("gap", "loss")
 
 
@@ -280,6 +284,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(d.price >= 0, "data.price", d.price, ">= 0")
     _check(d.price_proxy in PRICE_PROXIES, "data.price_proxy", d.price_proxy, f"one of {PRICE_PROXIES}")
     _check(d.revision_epochs >= 0, "data.revision_epochs", d.revision_epochs, ">= 0")
+    _check(not d.screen or d.policy in SCREENING_POLICIES, "data.screen", d.screen,
+           f"false unless data.policy is one of {SCREENING_POLICIES} (a per-sample rule)")
     t = cfg.train
     _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "null or >= 1")

@@ -14,7 +14,7 @@ The last `revision_epochs` epochs of every policy use all data with weight 1.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -33,6 +33,11 @@ class DataPolicy(Protocol):
     def select(self, table: ScoreTable, epoch: int, num_epochs: int,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (active int64 indices, sorted ascending; float32 loss weights of the same length)."""
+        ...
+
+    def screen_rule(self, epoch: int, num_epochs: int) -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """For data.screen: the rule (prob, correct) -> bool keep mask that judges a batch at the
+        current weights, or None when the policy has none or keeps every planned sample this epoch."""
         ...
 
     def state_dict(self) -> dict: ...
@@ -79,6 +84,9 @@ class _Policy:
     def _select(self, table, epoch, num_epochs, generator):
         raise NotImplementedError
 
+    def screen_rule(self, epoch, num_epochs):
+        return None
+
     def state_dict(self) -> dict:
         return {}
 
@@ -114,6 +122,12 @@ class DifficultyDropout(_Policy):
 
     def _select(self, table, epoch, num_epochs, generator):
         return _mask(difficulty_keep(table, self.tau))
+
+    def screen_rule(self, epoch, num_epochs):
+        if self.revising(epoch, num_epochs):
+            return None
+        tau = self.tau
+        return (lambda prob, correct: ~correct) if tau == 0 else (lambda prob, correct: prob < tau)
 
 
 class RandomDropout(_Policy):

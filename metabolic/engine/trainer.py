@@ -7,6 +7,7 @@ log, evaluate, checkpoint and check for preemption.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,6 +35,23 @@ from metabolic.engine.policies import build_policy
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved, run again with resume=true
 SECOND_CTRL_C_S = 1.0  # a Ctrl-C this long after the first quits without a checkpoint
 DIVERGED_EXIT_CODE = 65  # EX_DATAERR: the loss or the weights stopped being finite
+
+
+@contextlib.contextmanager
+def frozen_running_stats(module: torch.nn.Module):
+    """Train-mode forwards inside leave BatchNorm running statistics as they were (a screening
+    forward must not count a batch twice)."""
+    saved = []
+    for mod in module.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
+            saved.append((mod, mod.momentum, mod.num_batches_tracked.clone()))
+            mod.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for mod, momentum, tracked in saved:
+            mod.momentum = momentum
+            mod.num_batches_tracked.copy_(tracked)
 
 
 class Preempted(Exception):
@@ -218,15 +236,33 @@ class Trainer:
         x, y = self.task.train_batch(idx, epoch_generator(self.cfg.seed, plan.epoch, salt=1000 + m))
         if m % self.cfg.train.grad_accum == 0:
             self._set_schedule(plan, m)
+        n, trained = idx.numel(), idx
+        rule = self.service.policy.screen_rule(plan.epoch, self.cfg.train.epochs) if self.cfg.data.screen else None
+        seen = self._screen(x, y) if rule is not None else None
+        if seen is not None:
+            keep = rule(seen.prob, seen.correct)
+            if not bool(keep.any()):  # ranks step in lockstep: train on the batch's hardest sample
+                keep[seen.prob.argmin()] = True
+            x, y, weights, trained = x[keep], y[keep], weights[keep], idx[keep.cpu()]
         scores = self.task.score(self.engine(x), y)
-        loss = (scores.loss * weights).sum() / idx.numel()
+        # Divided by the planned batch: screened-out samples count as zero loss, not as absent.
+        loss = (scores.loss * weights).sum() / n
         self.engine.backward(loss)
         self.engine.step()
-        n = idx.numel()
-        self.ledger.add_samples(forward=n, backward=n, tokens=self.task.tokens(idx),
-                                flops=3.0 * self.flops_per_sample * n)
-        self.ledger.add_loss(scores.loss.detach().sum(), n)
-        self.service.record(idx, scores.loss, scores.prob, scores.correct, plan.epoch)
+        k = trained.numel()
+        screened = n if seen is not None else 0
+        self.ledger.add_samples(forward=screened + k, backward=k, tokens=self.task.tokens(trained),
+                                flops=self.flops_per_sample * (screened + 3.0 * k))
+        seen = seen if seen is not None else scores  # the screen scored every planned sample
+        self.ledger.add_loss(seen.loss.detach().sum(), n)
+        self.service.record(idx, seen.loss, seen.prob, seen.correct, plan.epoch)
+
+    @torch.no_grad()
+    def _screen(self, x: torch.Tensor, y: torch.Tensor):
+        """data.screen: score the planned micro-batch at the current weights (train mode, so with the
+        batch's own normalisation statistics, as the training forward would see it)."""
+        with frozen_running_stats(self.engine.module):
+            return self.task.score(self.engine(x), y)
 
     @torch.no_grad()
     def _score_no_grad(self, idx: torch.Tensor):
