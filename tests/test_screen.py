@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import CONFIG, SMALL, comparable, metabolic, ok, records, summary, torchrun
-from metabolic.engine.policies import DifficultyDropout, FullData, InfoBatch
+from metabolic.engine.policies import DifficultyDropout, FullData, InfoBatch, PriceThreshold
 from metabolic.engine.trainer import frozen_running_stats
 
 
@@ -18,6 +18,16 @@ def test_screen_rule_is_the_difficulty_rule_outside_revision_epochs():
     assert lazy(prob, correct).tolist() == [True, False, False, True, False]  # misclassified only
     assert DifficultyDropout(0.8, revision_epochs=1).screen_rule(epoch=2, num_epochs=3) is None
     assert FullData().screen_rule(0, 3) is None and InfoBatch(0.5, 0.875).screen_rule(0, 3) is None
+
+
+def test_price_screen_rule_reads_the_current_price_on_either_proxy():
+    prob = torch.tensor([0.05, 0.3, 0.6, 0.95])
+    gap = PriceThreshold(0.5)
+    assert gap.screen_rule(0, 2)(prob, None).tolist() == [True, True, False, False]  # 1 - p > 0.5
+    gap.price = 0.9  # the controller moved it
+    assert gap.screen_rule(0, 2)(prob, None).tolist() == [True, False, False, False]
+    loss = PriceThreshold(1.0, proxy="loss")  # loss = -log p > 1  <=>  p < 0.368
+    assert loss.screen_rule(0, 2)(prob, None).tolist() == [True, True, False, False]
 
 
 def test_frozen_running_stats_leave_batchnorm_statistics_unchanged():

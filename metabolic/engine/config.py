@@ -98,8 +98,8 @@ class DataConfig:
     """Re-score samples not trained on last epoch with a no-grad forward before planning
     (null: the policy's default, on for pdd_difficulty/lazy/pdd_matched)."""
     screen: bool = False
-    """pdd_difficulty / lazy: screen every micro-batch with a no-grad forward at the current weights
-    and train only on the samples the rule keeps now (as published PDD decides per batch)."""
+    """pdd_difficulty / lazy / price: screen every micro-batch with a no-grad forward at the current
+    weights and train only on the samples the rule keeps now (as published PDD decides per batch)."""
     relative_scores: bool = True
     """Rescale stored losses by the running loss level at recording time (stale-score drift)."""
     text: TextConfig = field(default_factory=lambda: TextConfig())
@@ -232,7 +232,7 @@ OPTIMIZERS = ("adamw", "sgd", "masked_adamw", "masked_sgd")
 SELECT_RULES = ("dense", "topk", "hard", "soft", "random", "block")
 SCHEDULES = ("constant", "cosine")
 POLICIES = ("full", "pdd_difficulty", "lazy", "pdd_random", "pdd_matched", "infobatch", "price")
-SCREENING_POLICIES = ("pdd_difficulty", "lazy")
+SCREENING_POLICIES = ("pdd_difficulty", "lazy", "price")
 PRICE_PROXIES = ("gap", "loss")
 
 

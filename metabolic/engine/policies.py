@@ -196,6 +196,13 @@ class PriceThreshold(_Policy):
     def proxy_values(self, table: ScoreTable) -> torch.Tensor:
         return table.adjusted_loss() if self.proxy == "loss" else 1.0 - table.adjusted_prob()
 
+    def screen_rule(self, epoch, num_epochs):
+        if self.revising(epoch, num_epochs):
+            return None
+        # p = exp(-loss) for language models: loss > price  <=>  p < exp(-price)
+        below = math.exp(-self.price) if self.proxy == "loss" else 1.0 - self.price
+        return lambda prob, correct: prob < below
+
     def _select(self, table, epoch, num_epochs, generator):
         if self.proxy == "loss":
             above = table.loss_above(self.price)
