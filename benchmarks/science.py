@@ -47,7 +47,7 @@ TASKS = {
     "fmnist": {"config": REPO / "configs" / "fmnist_cnn.yaml", "metric": "eval/accuracy",
                "joint": [],
                # data-policy settings tuned on this experiment (benchmarks/RESULTS.md); lm_tiny uses the defaults
-               "methods": {"pdd_difficulty": ["data.tau=0.85"], "pdd_random": ["data.gamma=0.65"]},
+               "methods": {"pdd_difficulty": ["data.tau=0.85", "data.screen=true"], "pdd_random": ["data.gamma=0.65"]},
                "quick": ["data.limit=1024", "data.eval_limit=500", "train.epochs=2", "model.width=8",
                          "train.micro_batch_size=64", "train.log_every=8", "train.warmup_steps=8"]},
     "lm_tiny": {"config": REPO / "configs" / "lm_tiny.yaml", "metric": "eval/loss", "joint": [],
