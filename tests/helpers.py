@@ -53,6 +53,29 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def stop_at_step(args: list[str], out: Path, step: int, timeout: float = 200) -> int:
+    """Run `metabolic train *args output_dir=out`, send SIGUSR1 (the preemption signal) once its
+    metrics reach `step`, and return the exit code (75 after a checkpointed stop)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "metabolic", "train", *args, f"output_dir={out}"],
+                            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.time() + timeout
+        while time.time() < end and proc.poll() is None:
+            path = Path(out) / "metrics.jsonl"
+            if path.is_file() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()):
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=timeout)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, proc.stderr.read()[-3000:]
+    return proc.returncode
+
+
 def summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 

@@ -1,14 +1,11 @@
 """The data service: equal shards, identical decisions on 2 gloo ranks, int64 indices, refresh, resume."""
 
 import json
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import CONFIG, REPO, SMALL, comparable, env, metabolic, ok, records, summary, torchrun
+from helpers import CONFIG, REPO, SMALL, comparable, metabolic, ok, records, stop_at_step, summary, torchrun
 from metabolic.engine import data_service
 from metabolic.engine.data_service import DataService, epoch_generator, shard
 from metabolic.engine.policies import DifficultyDropout, InfoBatch, RandomDropout
@@ -176,23 +173,7 @@ def test_resume_mid_epoch_with_refresh_equals_uninterrupted(tmp_path, fmnist):
     assert s_full["compute/flops"] == pytest.approx(per_sample * (3 * s_full["data/samples_backward"] + refreshed))
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "metabolic", "train", str(CONFIG), f"output_dir={cut}", *args],
-                            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    target = plan[0][2] + 3  # a few steps into epoch 1
-    try:
-        import time
-
-        end = time.time() + 200
-        while time.time() < end and proc.poll() is None:
-            path = cut / "metrics.jsonl"
-            if path.is_file() and any(json.loads(line)["step"] >= target for line in path.read_text().splitlines()):
-                break
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGUSR1)
-        proc.wait(timeout=200)
-    finally:
-        proc.kill()
-    assert proc.returncode == 75, proc.stderr.read()[-3000:]
+    stop_at_step([str(CONFIG), *args], cut, plan[0][2] + 3)  # a few steps into epoch 1
     stopped = records(cut)[-1]["step"]
     assert plan[0][2] < stopped < sum(p[2] for p in plan)
     ok(metabolic("train", str(CONFIG), f"output_dir={cut}", *args, "resume=true"))

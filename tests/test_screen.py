@@ -4,7 +4,7 @@ difficulty rule keeps now are trained on; the screening forward is counted and c
 import pytest
 import torch
 
-from helpers import CONFIG, SMALL, comparable, metabolic, ok, records, summary, torchrun
+from helpers import CONFIG, SMALL, comparable, metabolic, ok, records, stop_at_step, summary, torchrun
 from metabolic.engine.policies import DifficultyDropout, FullData, InfoBatch, PriceThreshold
 from metabolic.engine.trainer import frozen_running_stats
 
@@ -78,3 +78,20 @@ def test_screen_on_two_ranks_trains_on_fewer_samples_and_counts_every_forward(tm
     assert s["epochs"][0]["num_active"] == n
     evals = [r for r in records(out) if "eval/accuracy" in r]
     assert len(evals) == 3 and all(r["data/samples_backward"] > 0 for r in evals)
+
+
+def test_screened_run_resumed_mid_epoch_equals_uninterrupted(tmp_path, fmnist):
+    """The screen's decisions depend only on the weights and the batch: a run cut by SIGUSR1 in
+    its second epoch and resumed ends with the same summary."""
+    args = [str(CONFIG), *SMALL, "train.epochs=2", "train.checkpoint_every=2", "data.policy=pdd_difficulty",
+            "data.tau=0.4", "data.screen=true"]
+    full = tmp_path / "full"
+    ok(metabolic("train", *args, f"output_dir={full}"))
+    s_full = summary(full)
+    first = s_full["epochs"][0]["micro_batches_per_rank"]
+    assert s_full["data/samples_backward"] < 2 * s_full["dataset_size"]
+    cut = tmp_path / "cut"
+    stop_at_step(args, cut, first + 2)
+    assert first < records(cut)[-1]["step"] < s_full["step"]
+    ok(metabolic("train", *args, f"output_dir={cut}", "resume=true"))
+    assert comparable(summary(cut)) == comparable(s_full)
