@@ -1,8 +1,8 @@
-"""Report helpers that need no run: the eval metric at equal energy."""
+"""Report helpers that need no run: the eval metric at equal energy, per-epoch fractions."""
 
 import pytest
 
-from metabolic.engine.report import at_energy_table, metric_at
+from metabolic.engine.report import at_energy_table, epoch_fractions, metric_at
 
 RECORDS = [
     {"step": 10, "energy/metabolic": 50.0},  # a training record: no evaluation
@@ -28,3 +28,19 @@ def test_at_energy_table_names_runs_and_levels():
     assert lines[0].split() == ["run", "eval/accuracy", "at", "M=200", "eval/accuracy", "at", "M=50"]
     assert lines[2].split() == ["a", "0.6", "-"] and lines[3].split() == ["b", "0.5", "-"]
     assert at_energy_table([("lm", lm)], [20.0]).splitlines()[2].split() == ["lm", "4.5"]
+
+
+def test_epoch_fractions_measure_each_epoch_between_its_boundaries():
+    """Records carry the epoch count reached, so epoch 0's end is the FIRST record with epoch 1;
+    later records of epoch 1's training also say 1 and must not be taken for that boundary."""
+    def rec(step, epoch, changed, backward):
+        return {"step": step, "epoch": epoch, "energy/changed_weights": changed, "energy/num_weights": 100,
+                "data/samples_backward": backward}
+    records = [rec(5, 0, 500, 50), rec(10, 1, 1000, 100),  # epoch 0 ends at step 10
+               rec(12, 1, 1100, 110), rec(15, 2, 1250, 130),  # epoch 1 ends at step 15
+               rec(16, 2, 1260, 131)]
+    summary = {"dataset_size": 100, "epochs": [{"epoch": 0, "kept_fraction": 1.0}, {"epoch": 1, "kept_fraction": 0.5}]}
+    fr = epoch_fractions(summary, records)
+    assert [f["kept_fraction"] for f in fr] == [1.0, 0.5]
+    assert [f["trained_fraction"] for f in fr] == [1.0, 0.3]  # screened: trained below the plan
+    assert [f["changed_fraction"] for f in fr] == [1.0, 0.5]  # 1000 / (10 * 100), 250 / (5 * 100)

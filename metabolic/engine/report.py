@@ -81,22 +81,30 @@ def at_energy_table(runs: list[tuple[str, list[dict]]], levels: list[float]) -> 
 
 
 def epoch_fractions(summary: dict, records: list[dict]) -> list[dict]:
-    """Per epoch: kept-sample fraction (the data plan) and changed-weight fraction (the ledger)."""
+    """Per epoch: kept-sample fraction (the data plan), trained-sample fraction (backward samples
+    over the dataset: below the plan under data.screen, above it by wrap padding) and
+    changed-weight fraction (the ledger)."""
     out = []
     ends = {}
-    for r in records:  # last record of each epoch boundary: records carry the epoch count reached
-        ends[r["epoch"]] = r
-    prev_changed, prev_step = 0, 0
+    for r in records:  # records carry the epoch count reached: the FIRST with e + 1 is epoch e's end
+        ends.setdefault(r["epoch"], r)
+    n = summary.get("dataset_size")
+    prev_changed, prev_step, prev_backward = 0, 0, 0
     for plan in summary.get("epochs", []):
         e = plan["epoch"]
         end = ends.get(e + 1)
-        changed_frac = None
-        if end is not None and end.get("energy/num_weights"):
-            steps = end["step"] - prev_step
-            if steps > 0:
-                changed_frac = (end["energy/changed_weights"] - prev_changed) / (steps * end["energy/num_weights"])
-            prev_changed, prev_step = end["energy/changed_weights"], end["step"]
-        out.append({"epoch": e, "kept_fraction": plan.get("kept_fraction"), "changed_fraction": changed_frac})
+        changed_frac = trained_frac = None
+        if end is not None:
+            if n and end.get("data/samples_backward") is not None:
+                trained_frac = (end["data/samples_backward"] - prev_backward) / n
+                prev_backward = end["data/samples_backward"]
+            if end.get("energy/num_weights"):
+                steps = end["step"] - prev_step
+                if steps > 0:
+                    changed_frac = (end["energy/changed_weights"] - prev_changed) / (steps * end["energy/num_weights"])
+                prev_changed, prev_step = end["energy/changed_weights"], end["step"]
+        out.append({"epoch": e, "kept_fraction": plan.get("kept_fraction"), "trained_fraction": trained_frac,
+                    "changed_fraction": changed_frac})
     return out
 
 
@@ -152,7 +160,8 @@ def plot_run(run_dir: str | Path, out_name: str = "report.png") -> Path:
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     fr = epoch_fractions(summary, read_jsonl(run_dir / "metrics.jsonl"))
-    axes[3].plot([f["epoch"] for f in fr], [f["kept_fraction"] for f in fr], marker="o", label="kept samples")
+    axes[3].plot([f["epoch"] for f in fr], [f["kept_fraction"] for f in fr], marker="o", label="kept samples (plan)")
+    axes[3].plot([f["epoch"] for f in fr], [f["trained_fraction"] for f in fr], marker="^", label="trained samples")
     axes[3].plot([f["epoch"] for f in fr], [f["changed_fraction"] for f in fr], marker="s", label="changed weights")
     axes[3].set_xlabel("epoch")
     axes[3].set_ylabel("fraction")
@@ -173,8 +182,9 @@ def report(run_dir: str | Path) -> str:
     text = format_table([(run_name(run_dir, summary), summary)])
     fr = epoch_fractions(summary, records)
     if fr:
-        text += "\n\nepoch  kept_fraction  changed_fraction\n"
-        text += "\n".join(f"{f['epoch']:<5}  {_fmt(f['kept_fraction']):<13}  {_fmt(f['changed_fraction'])}" for f in fr)
+        text += "\n\nepoch  kept_fraction  trained_fraction  changed_fraction\n"
+        text += "\n".join(f"{f['epoch']:<5}  {_fmt(f['kept_fraction']):<13}  {_fmt(f['trained_fraction']):<16}  "
+                           f"{_fmt(f['changed_fraction'])}" for f in fr)
     if eval_curve(records)[1]:
         text += f"\n\nplots: {plot_run(run_dir)}"
     else:
