@@ -24,6 +24,10 @@ __all__ = ["ScoreTable", "DataPolicy", "FullData", "DifficultyDropout", "RandomD
            "InfoBatch", "PriceThreshold", "build_policy", "POLICIES"]
 
 
+ScreenRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(prob, correct) of a batch's samples -> bool mask of the samples to train on."""
+
+
 class DataPolicy(Protocol):
     """Chooses the epoch's active samples and their loss weights."""
 
@@ -35,7 +39,7 @@ class DataPolicy(Protocol):
         """Return (active int64 indices, sorted ascending; float32 loss weights of the same length)."""
         ...
 
-    def screen_rule(self, epoch: int, num_epochs: int) -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    def screen_rule(self, epoch: int, num_epochs: int) -> Optional[ScreenRule]:
         """For data.screen: the rule (prob, correct) -> bool keep mask that judges a batch at the
         current weights, or None when the policy has none or keeps every planned sample this epoch."""
         ...

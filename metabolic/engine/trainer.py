@@ -236,33 +236,35 @@ class Trainer:
         x, y = self.task.train_batch(idx, epoch_generator(self.cfg.seed, plan.epoch, salt=1000 + m))
         if m % self.cfg.train.grad_accum == 0:
             self._set_schedule(plan, m)
-        n, trained = idx.numel(), idx
-        rule = self.service.policy.screen_rule(plan.epoch, self.cfg.train.epochs) if self.cfg.data.screen else None
-        seen = self._screen(x, y) if rule is not None else None
-        if seen is not None:
-            keep = rule(seen.prob, seen.correct)
-            if not bool(keep.any()):  # ranks step in lockstep: train on the batch's hardest sample
-                keep[seen.prob.argmin()] = True
-            x, y, weights, trained = x[keep], y[keep], weights[keep], idx[keep.cpu()]
+        x, y, weights, trained, seen = self._screen(plan, idx, x, y, weights)
         scores = self.task.score(self.engine(x), y)
         # Divided by the planned batch: screened-out samples count as zero loss, not as absent.
-        loss = (scores.loss * weights).sum() / n
+        loss = (scores.loss * weights).sum() / idx.numel()
         self.engine.backward(loss)
         self.engine.step()
-        k = trained.numel()
+        n, k = idx.numel(), trained.numel()
         screened = n if seen is not None else 0
         self.ledger.add_samples(forward=screened + k, backward=k, tokens=self.task.tokens(trained),
                                 flops=self.flops_per_sample * (screened + 3.0 * k))
-        seen = seen if seen is not None else scores  # the screen scored every planned sample
-        self.ledger.add_loss(seen.loss.detach().sum(), n)
-        self.service.record(idx, seen.loss, seen.prob, seen.correct, plan.epoch)
+        scored = seen if seen is not None else scores  # the screen scored every planned sample
+        self.ledger.add_loss(scored.loss.detach().sum(), n)
+        self.service.record(idx, scored.loss, scored.prob, scored.correct, plan.epoch)
 
     @torch.no_grad()
-    def _screen(self, x: torch.Tensor, y: torch.Tensor):
+    def _screen(self, plan: EpochPlan, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor):
         """data.screen: score the planned micro-batch at the current weights (train mode, so with the
-        batch's own normalisation statistics, as the training forward would see it)."""
+        batch's own normalisation statistics, as the training forward sees it) and keep the samples
+        the policy's rule keeps now. Returns (x, y, weights, indices) to train on and the scores, or
+        the batch unchanged and None when nothing is screened."""
+        rule = self.service.policy.screen_rule(plan.epoch, self.cfg.train.epochs) if self.cfg.data.screen else None
+        if rule is None:
+            return x, y, weights, idx, None
         with frozen_running_stats(self.engine.module):
-            return self.task.score(self.engine(x), y)
+            seen = self.task.score(self.engine(x), y)
+        keep = rule(seen.prob, seen.correct)
+        if not bool(keep.any()):  # ranks step in lockstep: train on the batch's hardest sample
+            keep[seen.prob.argmin()] = True
+        return x[keep], y[keep], weights[keep], idx[keep.cpu()], seen
 
     @torch.no_grad()
     def _score_no_grad(self, idx: torch.Tensor):
