@@ -49,9 +49,10 @@ def test_frozen_running_stats_leave_batchnorm_statistics_unchanged():
     assert not torch.equal(before["1.running_mean"], net.state_dict()["1.running_mean"])
 
 
-def test_screen_that_keeps_everything_trains_exactly_as_without(tmp_path, fmnist):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_screen_that_keeps_everything_trains_exactly_as_without(tmp_path, fmnist, accum):
     """tau = 1 keeps every sample: the same weights, scores and metrics, plus one counted forward per sample."""
-    args = [*SMALL, "train.epochs=2", "data.policy=pdd_difficulty", "data.tau=1.0"]
+    args = [*SMALL, "train.epochs=2", "data.policy=pdd_difficulty", "data.tau=1.0", f"train.grad_accum={accum}"]
     plain, screened = tmp_path / "plain", tmp_path / "screened"
     ok(metabolic("train", str(CONFIG), f"output_dir={plain}", *args))
     ok(metabolic("train", str(CONFIG), f"output_dir={screened}", *args, "data.screen=true"))
