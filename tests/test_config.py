@@ -107,3 +107,9 @@ def test_cli_config_prints_the_resolved_config_with_each_keys_meaning():
     assert only.returncode == 0 and yaml.safe_load(only.stdout)["train"]["epochs"] == 3
     bad = metabolic("config", str(CONFIG), "optimizer.lr=-1", timeout=120)
     assert bad.returncode == 2 and "optimizer.lr" in bad.stderr and bad.stdout == ""
+
+
+@pytest.mark.parametrize("path", sorted((CONFIG.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path, [])
+    assert cfg.train.epochs >= 1 and cfg.output_dir
