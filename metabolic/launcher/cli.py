@@ -12,7 +12,10 @@ EXIT_CONFIG = 2
 
 
 def _error(msg: str, code: int = EXIT_CONFIG) -> int:
-    print(f"metabolic: error: {msg}", file=sys.stderr)
+    # One write: ranks share stderr under torchrun, and print's separate newline let two ranks'
+    # messages run together on one line.
+    sys.stderr.write(f"metabolic: error: {msg}\n")
+    sys.stderr.flush()
     return code
 
 
