@@ -11,11 +11,15 @@ from typing import Optional
 EXIT_CONFIG = 2
 
 
-def _error(msg: str, code: int = EXIT_CONFIG) -> int:
-    # One write: ranks share stderr under torchrun, and print's separate newline let two ranks'
-    # messages run together on one line.
-    sys.stderr.write(f"metabolic: error: {msg}\n")
+def _say(line: str) -> None:
+    """One line to stderr in one write: ranks share stderr under torchrun, and print's separate
+    newline let two ranks' messages run together on one line."""
+    sys.stderr.write(f"metabolic: {line}\n")
     sys.stderr.flush()
+
+
+def _error(msg: str, code: int = EXIT_CONFIG) -> int:
+    _say(f"error: {msg}")
     return code
 
 
@@ -55,7 +59,7 @@ def _train(args: argparse.Namespace) -> int:
     except DatasetMissingError as err:
         return _error(str(err))
     except Preempted as err:
-        print(f"metabolic: {err}; run again with resume=true", file=sys.stderr)
+        _say(f"{err}; run again with resume=true")
         return PREEMPTED_EXIT_CODE
     except Diverged as err:
         return _error(str(err), DIVERGED_EXIT_CODE)
