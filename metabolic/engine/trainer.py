@@ -250,7 +250,6 @@ class Trainer:
         self.ledger.add_loss(scored.loss.detach().sum(), n)
         self.service.record(idx, scored.loss, scored.prob, scored.correct, plan.epoch)
 
-    @torch.no_grad()
     def _screen(self, plan: EpochPlan, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor):
         """data.screen: score the planned micro-batch at the current weights (train mode, so with the
         batch's own normalisation statistics, as the training forward sees it) and keep the samples
@@ -259,7 +258,7 @@ class Trainer:
         rule = self.service.policy.screen_rule(plan.epoch, self.cfg.train.epochs) if self.cfg.data.screen else None
         if rule is None:
             return x, y, weights, idx, None
-        with frozen_running_stats(self.engine.module):
+        with torch.no_grad(), frozen_running_stats(self.engine.module):
             seen = self.task.score(self.engine(x), y)
         keep = rule(seen.prob, seen.correct)
         if not bool(keep.any()):  # ranks step in lockstep: train on the batch's hardest sample
