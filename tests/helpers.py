@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,12 +55,9 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def stop_at_step(args: list[str], out: Path, step: int, timeout: float = 200) -> int:
+def stop_at_step(args: list[str], out: Path, step: int, timeout: float = 200) -> None:
     """Run `metabolic train *args output_dir=out`, send SIGUSR1 (the preemption signal) once its
-    metrics reach `step`, and return the exit code (75 after a checkpointed stop)."""
-    import signal
-    import time
-
+    metrics reach `step`, and require the checkpointed stop's exit code (75)."""
     proc = subprocess.Popen([sys.executable, "-m", "metabolic", "train", *args, f"output_dir={out}"],
                             cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -73,7 +72,6 @@ def stop_at_step(args: list[str], out: Path, step: int, timeout: float = 200) ->
     finally:
         proc.kill()
     assert proc.returncode == 75, proc.stderr.read()[-3000:]
-    return proc.returncode
 
 
 def summary(run_dir: Path) -> dict:
