@@ -98,10 +98,32 @@ def test_refresh_scores_only_stale_samples_and_counts_them():
     stale = sorted(set(range(100)) - set(trained[:10].tolist()))  # everything not scored in epoch 1
     assert sorted(torch.cat(calls).tolist()) == stale and plan.refreshed == len(stale) == 90
     assert all(c.numel() <= 32 for c in calls)
-    assert (svc.table.epoch[stale] == 2).all() and plan.num_active == 0  # all now easy: p = 0.95 >= tau
+    assert (svc.table.epoch[stale] == 1).all() and plan.num_active == 0  # all now easy: p = 0.95 >= tau
     assert svc.plan_epoch(2, 5, scorer=scorer).refreshed == 0 and len(calls) == 3  # planned once
     no_refresh = DataService(100, RandomDropout(0.5), seed=0, micro_batch=10, grad_accum=1)
     assert no_refresh.plan_epoch(2, 5, scorer=scorer).refreshed == 0 and len(calls) == 3
+
+
+def test_a_sample_dropped_every_epoch_is_refreshed_before_every_epoch():
+    svc = DataService(8, DifficultyDropout(0.5), seed=0, micro_batch=2, grad_accum=1)
+
+    def scorer(idx):  # samples 0-3 always easy (dropped), 4-7 always hard (trained on)
+        easy = idx < 4
+        return Scores(loss=torch.where(easy, 0.05, 2.0), prob=torch.where(easy, 0.95, 0.1),
+                      correct=easy)
+
+    refreshed = []
+    for epoch in range(5):
+        plan = svc.plan_epoch(epoch, 5, scorer=scorer)
+        refreshed.append(plan.refreshed)
+        trained = plan.batches.flatten()
+        trained = trained[trained >= 0]
+        s = scorer(trained)
+        svc.record(trained, s.loss, s.prob, s.correct, epoch)
+        svc.sync()
+    # Epoch 0 trains on everything; from epoch 2 on the 4 easy samples are dropped every epoch
+    # and so must be re-scored before each one.
+    assert refreshed == [0, 0, 4, 4, 4]
 
 
 def test_table_beyond_replica_limit_is_a_clear_error(monkeypatch):

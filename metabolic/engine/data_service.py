@@ -190,7 +190,10 @@ class DataService:
         for start in range(0, per_rank, batch_size):
             chunk = idx[start:start + batch_size]
             s = scorer(chunk.clamp(min=0) if bool((chunk < 0).any()) else chunk)
-            self.record(chunk, s.loss, s.prob, s.correct, epoch)
+            # Stamped epoch - 1: the scores are of the weights that ended it. Stamped `epoch`, a
+            # sample dropped again would not be stale before epoch + 1 and be refreshed only
+            # every other epoch.
+            self.record(chunk, s.loss, s.prob, s.correct, epoch - 1)
             self.sync(training=False)
             ran += chunk.numel()
         return ran
