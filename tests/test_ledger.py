@@ -91,3 +91,26 @@ def test_replica_chunks_partition_the_weights():
         ledger.replicated = True
         seen.append(ledger._chunk(p))
     assert torch.equal(torch.cat(seen), p)
+
+
+class _Counter:
+    """A meter whose reading the test sets (joules since the meter was built)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def read(self) -> float:
+        return self.now
+
+
+def test_joules_continue_across_a_resume():
+    meter = _Counter()
+    before = EnergyLedger(1.0, 10, rank=0, world_size=1, joules=meter)
+    meter.now = 200.0
+    assert before.reduce()["energy/joules"] == 200.0
+    state = before.state_dict()
+    fresh = _Counter()  # the resumed process builds a new meter, which counts from zero again
+    after = EnergyLedger(1.0, 10, rank=0, world_size=1, joules=fresh)
+    after.load_state_dict(state)
+    fresh.now = 50.0
+    assert after.reduce()["energy/joules"] == 250.0

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from metabolic.engine.config import ConfigError
+
 CHECKPOINTS = "checkpoints"
 
 
@@ -36,6 +38,13 @@ def save(engine, output_dir: Path, step: int, client_state: dict, rank_state: di
     in rank_state_rank{rank}.pt); keep the newest `keep` checkpoints."""
     root = checkpoint_root(output_dir)
     tag = f"step_{step:09d}"
+    latest = latest_tag(output_dir)
+    if latest is not None and latest.split("_r")[0] == tag:
+        # A second save at the same step (an epoch's last step, a stop on a checkpoint_every step):
+        # a new folder, so a save that dies part-way never damages the one `latest` names.
+        tag = f"{tag}_r{int(latest.split('_r')[1]) + 1 if '_r' in latest else 1}"
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read `latest` before rank 0 can rewrite it
     # This rank's file first: DeepSpeed writes `latest` last, so a save that dies part-way leaves
     # `latest` on the previous, complete checkpoint.
     (root / tag).mkdir(parents=True, exist_ok=True)
@@ -50,15 +59,18 @@ def save(engine, output_dir: Path, step: int, client_state: dict, rank_state: di
     return tag
 
 
-def load(engine, output_dir: Path, rank: int) -> tuple[Optional[dict], Optional[dict]]:
+def load(engine, output_dir: Path, rank: int, world_size: int) -> tuple[Optional[dict], Optional[dict]]:
     """Load the latest checkpoint; returns (client_state, this rank's state) or (None, None)."""
     tag = latest_tag(output_dir)
     if tag is None:
         return None, None
     root = checkpoint_root(output_dir)
+    # Checked before DeepSpeed reads anything: with another world size its ZeRO loader fails
+    # obscurely, or waits in a collective the other ranks never enter.
+    written = len(list((root / tag).glob("rank_state_rank*.pt")))
+    if written != world_size:
+        raise ConfigError(f"resume: checkpoint {root / tag} was written by {written} ranks, this run has "
+                          f"{world_size} (dist/world_size must match)")
     _, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
-    path = root / tag / f"rank_state_rank{rank}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {root / tag} has no {path.name}: resume with the same world size")
-    return client_state, torch.load(path, weights_only=True)
+    return client_state, torch.load(root / tag / f"rank_state_rank{rank}.pt", weights_only=True)

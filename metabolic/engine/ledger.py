@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from metabolic.engine.config import ConfigError
 from metabolic.engine.joules import JouleMeter
 from metabolic.kernels import native
 
@@ -68,6 +69,7 @@ class EnergyLedger:
         self._snapshot_buffers: dict[int, torch.Tensor] = {}
         self._last_min_local = 0.0  # M_min share at the last reduce (used until a step re-tracks weights)
         self._wall_offset = 0.0
+        self._joules_offset = 0.0  # joules measured before the last resume
         self._t0 = time.perf_counter()
 
     # -- weights -----------------------------------------------------------------------------
@@ -193,7 +195,7 @@ class EnergyLedger:
         vals["changed"] = float(self.local["changed"])
         vals["metabolic_min"] = self.metabolic_min_local()
         vals["numel"] = float(sum(init.numel() for init in self._initial))
-        j = self.joules.read() if self.joules is not None else None
+        j = self._joules_total()
         vals["joules"], vals["has_joules"] = (j, 1.0) if j is not None else (0.0, 0.0)
         vec = torch.tensor([float(vals[k]) for k in _FIELDS], dtype=torch.float64)
         if dist.is_initialized() and self.world_size > 1:
@@ -214,20 +216,26 @@ class EnergyLedger:
             "time/wall_s": self.wall_s(),
         }
 
+    def _joules_total(self) -> Optional[float]:
+        """Joules since the run began (the meter counts from its own start), None without a meter."""
+        j = self.joules.read() if self.joules is not None else None
+        return None if j is None else self._joules_offset + j
+
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Scalars only; this rank's initial weights go in `initial_weights()` (saved per rank)."""
         local = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in self.local.items()}
         return {"local": local, "wall_s": self.wall_s(), "alpha": self.alpha, "replicated": self.replicated,
-                "min_local": self.metabolic_min_local()}
+                "min_local": self.metabolic_min_local(), "joules": self._joules_total() or 0.0}
 
     def load_state_dict(self, state: dict) -> None:
         if state["alpha"] != self.alpha:
-            raise ValueError(f"config key 'energy.alpha': checkpoint used {state['alpha']}, run asks {self.alpha}")
+            raise ConfigError(f"config key 'energy.alpha': checkpoint used {state['alpha']}, run asks {self.alpha}")
         for k, v in state["local"].items():
             self.local[k] = torch.tensor(v, dtype=torch.float64) if k in ("metabolic", "changed") else v
         self.replicated = state["replicated"]
         self._wall_offset = state["wall_s"]
+        self._joules_offset = state.get("joules", 0.0)
         self._last_min_local = state["min_local"]
         self._t0 = time.perf_counter()
 

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from metabolic.engine.config import ConfigError
+
 BYTES_PER_SAMPLE = 4 + 4 + 4 + 1 + 4
 """Replica memory per sample: loss, prob, level (float32), correct (bool), epoch (int32)."""
 
@@ -112,7 +114,7 @@ class ScoreTable:
     def load_state_dict(self, state: dict) -> None:
         for k in ("loss", "prob", "correct", "epoch", "level"):
             if state[k].shape != getattr(self, k).shape:
-                raise ValueError(f"checkpoint score table has {state[k].numel()} samples, run has {len(self)} "
+                raise ConfigError(f"config key 'data.limit': checkpoint score table has {state[k].numel()} samples, run has {len(self)} "
                                  "(resume with the same data.limit)")
             getattr(self, k).copy_(state[k])
         self.level_now = float(state["level_now"])
