@@ -228,3 +228,58 @@ def test_resume_after_preemption_equals_uninterrupted(tmp_path, fmnist, extra):
     ok(metabolic("train", str(CONFIG), f"output_dir={cut}", *args, "resume=true"))
     assert comparable(summary(cut)) == comparable(summary(full))
     assert [r["step"] for r in records(cut)] == [r["step"] for r in records(full)]
+
+
+def test_two_saves_at_one_step_keep_the_first_and_resume_from_the_second(tmp_path, fmnist):
+    # checkpoint_every fires on each epoch's last step, and the epoch-end save follows at the same
+    # step: it goes to a new folder, never over the checkpoint `latest` names.
+    out = tmp_path / "run"
+    args = [*SMALL, "train.checkpoint_every=12"]  # 12 steps per epoch
+    ok(metabolic("train", str(CONFIG), f"output_dir={out}", *args, "train.epochs=2"))
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000000024", "step_000000024_r1"]
+    assert (root / "latest").read_text().strip() == "step_000000024_r1"
+    first = comparable(summary(out))
+    proc = ok(metabolic("train", str(CONFIG), f"output_dir={out}", *args, "train.epochs=2", "resume=true"))
+    assert "resumed from step 24 (epoch 2)" in proc.stderr and comparable(summary(out)) == first
+
+
+def test_resume_without_checkpoint_sets_earlier_records_aside(tmp_path, fmnist):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = '{"step": 999, "epoch": 0}\n'
+    (out / "metrics.jsonl").write_text(stale)  # an attempt that died before its first checkpoint
+    proc = ok(metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=1", "resume=true"))
+    aside = list(out.glob("metrics.no_checkpoint.*.jsonl"))
+    assert len(aside) == 1 and aside[0].read_text() == stale and aside[0].name in proc.stderr
+    assert all(r["step"] <= 12 for r in records(out)) and summary(out)["step"] == 12
+
+
+def test_resume_with_another_world_size_is_a_config_error(tmp_path, fmnist):
+    out = tmp_path / "run"
+    ok(metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=1"))
+    before = (out / "metrics.jsonl").read_text()
+    proc = torchrun(2, "-m", "metabolic", "train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=2",
+                    "resume=true")
+    assert proc.returncode != 0
+    assert "metabolic: error: resume: checkpoint" in proc.stderr and "written by 1 ranks, this run has 2" in proc.stderr
+    assert (out / "metrics.jsonl").read_text() == before  # nothing written is lost
+
+
+def test_a_finished_run_restores_the_signal_handlers(tmp_path, fmnist):
+    # In-process sweeps (benchmarks/science.py) build one Trainer after another: a finished one
+    # must not keep catching Ctrl-C.
+    code = f"""
+import signal, sys
+from metabolic.engine.config import load_config
+from metabolic.engine.distributed import init_distributed
+from metabolic.engine.trainer import Trainer
+cfg = load_config({str(CONFIG)!r}, {[*SMALL, "train.epochs=1", f"output_dir={tmp_path / 'run'}"]!r})
+before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]
+Trainer(cfg, init_distributed()).run()
+after = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]
+print("restored" if after == before else f"changed: {{before}} -> {{after}}")
+"""
+    proc = ok(subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True,
+                             timeout=300))
+    assert proc.stdout.strip().splitlines()[-1] == "restored", proc.stdout[-2000:]

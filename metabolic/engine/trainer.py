@@ -94,7 +94,7 @@ class Trainer:
         self.optimizer = build.build_optimizer(cfg, model.parameters())
         self._selection = build.selection_of(self.optimizer)  # the configured rule, per group
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
-        meter = JouleMeter(self.info.local_rank if self.info.device.type == "cuda" else None,
+        meter = JouleMeter(self.info.local_rank if self.info.device.type == "cuda" and cfg.energy.joules else None,
                            read_cpu=cfg.energy.joules and self.info.local_rank == 0)
         self.ledger = EnergyLedger(cfg.energy.alpha, self.num_params, self.info.rank, self.info.world_size,
                                    self.info.meta_group, meter if meter.available else None)
@@ -109,6 +109,7 @@ class Trainer:
         self._last: dict = {}
         self._stop_requested = False
         self._first_sigint: Optional[float] = None  # monotonic time of the first Ctrl-C
+        self._old_handlers: dict = {}  # restored when run() ends, so a later Trainer is not haunted
 
     # -- setup -----------------------------------------------------------------------------------
     def _check_output_dir(self) -> None:
@@ -127,18 +128,15 @@ class Trainer:
         elif self.is_main:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         self.ledger.start_clock()
 
     def _restore(self) -> None:
-        client, own = checkpoint.load(self.engine, self.out, self.info.rank)
+        client, own = checkpoint.load(self.engine, self.out, self.info.rank, self.info.world_size)
         if client is None:
             if self.is_main:
-                print(f"[metabolic] resume=true but no checkpoint in {self.out}; starting fresh", file=sys.stderr)
+                self._set_aside_records()
             return
-        if client["world_size"] != self.info.world_size:
-            raise ConfigError(f"resume: checkpoint was written by {client['world_size']} ranks, this run has "
-                              f"{self.info.world_size} (dist/world_size must match)")
         self.state = LoopState(**client["loop"])
         self.ledger.load_state_dict(own["ledger"])  # this rank's partial sums and wall clock
         self.ledger.load_initial_weights(own["initial_weights"])
@@ -148,9 +146,22 @@ class Trainer:
         self.history = client["history"]
         self._last = client["last"]
         torch.set_rng_state(own["rng"])
+        if own.get("cuda_rng") is not None and self.info.device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda_rng"], self.info.device)  # dropout masks, as uninterrupted
         if self.is_main:
             truncate_after(self.out / "metrics.jsonl", self.state.step)
             print(f"[metabolic] resumed from step {self.state.step} (epoch {self.state.epoch})", file=sys.stderr)
+
+    def _set_aside_records(self) -> None:
+        """resume=true found no checkpoint: the run starts over, and the records of the attempt that
+        wrote none are moved aside (not deleted, not mixed into the new run's curves)."""
+        old = self.out / "metrics.jsonl"
+        note = ""
+        if old.exists():
+            aside = self.out / f"metrics.no_checkpoint.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+            old.rename(aside)
+            note = f"; the earlier records are in {aside.name}"
+        print(f"[metabolic] resume=true but no checkpoint in {self.out}; starting fresh{note}", file=sys.stderr)
 
     def _on_signal(self, signum, frame) -> None:
         """Stop at the next step with a checkpoint; a second Ctrl-C quits at once, without one.
@@ -172,10 +183,11 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
         """Train to the configured length; returns the summary (also written to summary.json)."""
-        self._start()
         cfg = self.cfg
-        progress = Progress(self.is_main and cfg.train.progress, self.state.step)
+        progress = None
         try:
+            self._start()
+            progress = Progress(self.is_main and cfg.train.progress, self.state.step)
             while not self.state.done:
                 if self.controller is not None and self.state.micro == 0:  # price this epoch's plan
                     self.controller.begin_epoch(self.service.table, self.optimizer, self.info.meta_group)
@@ -191,8 +203,11 @@ class Trainer:
                 self._train_epoch(plan, progress)
             summary = self._finish()
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
             self.metrics.close()
+            for sig, handler in self._old_handlers.items():
+                signal.signal(sig, handler)
         return summary
 
     def _reprice_empty(self, plan: EpochPlan) -> EpochPlan:
@@ -321,10 +336,12 @@ class Trainer:
         eval_now = hit_max or (t.eval_every > 0 and step % t.eval_every == 0)
         if hit_max or eval_now or step % t.log_every == 0:
             self._log(eval_now=eval_now)
-        if hit_max or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0):
+        saved = hit_max or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0)
+        if saved:
             self._checkpoint()
         if stop:
-            self._checkpoint()
+            if not saved:
+                self._checkpoint()
             raise Preempted(f"stop signal at step {step}; checkpoint saved in {checkpoint.checkpoint_root(self.out)}")
         return hit_max
 
@@ -377,7 +394,8 @@ class Trainer:
                   "history": self.history, "last": self._last,
                   "world_size": self.info.world_size, "config": to_dict(self.cfg)}
         own = {"ledger": self.ledger.state_dict(), "initial_weights": self.ledger.initial_weights(),
-               "rng": torch.get_rng_state()}
+               "rng": torch.get_rng_state(),
+               "cuda_rng": torch.cuda.get_rng_state(self.info.device) if self.info.device.type == "cuda" else None}
         checkpoint.save(self.engine, self.out, self.state.step, client, own, self.info.rank)
 
     def _check_finite(self) -> None:
