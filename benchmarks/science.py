@@ -62,17 +62,19 @@ KEYS = ("eval/accuracy", "eval/loss", "data/effective_epochs", "data/samples_for
         "compute/flops", "time/wall_s", "step")
 
 
-def run_method(info, config: Path, overrides: list[str], out: Path) -> dict:
-    """Train one configuration in this process (the process group is shared by all runs)."""
+def run_method(info, config: Path, overrides: list[str], out: Path, resume: bool = False) -> dict:
+    """Train one configuration in this process (the process group is shared by all runs);
+    resume: continue a run of this method that was cut short (its folder already exists)."""
     from metabolic.engine.config import load_config
     from metabolic.engine.trainer import Trainer
 
-    cfg = load_config(config, overrides + [f"output_dir={out}", "train.progress=false"])
+    again = ["resume=true"] if resume and out.exists() else []
+    cfg = load_config(config, overrides + [f"output_dir={out}", "train.progress=false"] + again)
     return Trainer(cfg, info).run()
 
 
 def run_task(info, name: str, quick: bool, root: Path, corpus: Path | None, overrides: list[str],
-             reused: list[dict]) -> list[dict]:
+             reused: list[dict], resume: bool = False) -> list[dict]:
     task = TASKS[name]
     base = (list(task["quick"]) if quick else []) + overrides
     if name == "lm_tiny" and quick:
@@ -95,7 +97,7 @@ def run_task(info, name: str, quick: bool, root: Path, corpus: Path | None, over
             steps = max(1, round(dense["step"] * joint["energy/metabolic"] / dense["energy/metabolic"]))
             extra = [f"train.max_steps={steps}"]
         extra = list(extra) + task.get("methods", {}).get(method, [])
-        summary = run_method(info, task["config"], base + extra, root / name / method)
+        summary = run_method(info, task["config"], base + extra, root / name / method, resume)
         by_method[method] = summary
         row = {"task": name, "method": method, "overrides": base + extra, **{k: summary.get(k) for k in KEYS}}
         rows.append(row)
@@ -157,7 +159,7 @@ def main() -> None:
     for name in args.tasks.split(","):
         if name not in TASKS:
             raise SystemExit(f"unknown task {name!r}; choose from {sorted(TASKS)}")
-        rows = run_task(info, name, args.quick, root, corpus, list(args.overrides), reused)
+        rows = run_task(info, name, args.quick, root, corpus, list(args.overrides), reused, args.resume)
         all_rows += rows
         if info.rank == 0 and not args.json:
             print(f"== {name} ({'quick' if args.quick else 'full'}): ratios to dense in parentheses")

@@ -1,11 +1,12 @@
 """The science benchmark's quick mode runs end to end and its table keeps its contract."""
 
 import json
+import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO, ok, run
+from helpers import CONFIG, REPO, SMALL, env, ok, run
 
 METHODS = ["dense", "pdd_difficulty", "pdd_random", "infobatch", "topk", "random_weights", "joint_low",
            "joint_high", "dense_matched", "dense_energy_low", "dense_energy_high"]
@@ -55,3 +56,28 @@ def test_weight_sweep_settings_are_valid_configs(name, select, residual, decay, 
     o = load_config(CONFIG, flags).optimizer
     assert label == name and o.name == "masked_adamw" and o.select == select
     assert (o.residual, o.residual_decay, o.count_price) == (residual, decay, count_price)
+
+
+def test_resume_continues_a_method_that_was_cut_short(tmp_path, fmnist):
+    # A method folder that already holds a run (cut short, or finished but not yet in rows.jsonl)
+    # is continued with --resume instead of refused.
+    code = f"""
+import importlib.util, json
+spec = importlib.util.spec_from_file_location("science", {str(REPO / "benchmarks" / "science.py")!r})
+science = importlib.util.module_from_spec(spec); spec.loader.exec_module(science)
+from pathlib import Path
+from metabolic.engine.distributed import init_distributed
+info, out, args = init_distributed(), Path({str(tmp_path / "dense")!r}), {[*SMALL, "train.epochs=1"]!r}
+first = science.run_method(info, Path({str(CONFIG)!r}), args, out)
+try:
+    science.run_method(info, Path({str(CONFIG)!r}), args, out)
+    print("refused: no")
+except ValueError as err:
+    print("refused:", "already holds a run" in str(err))
+again = science.run_method(info, Path({str(CONFIG)!r}), args, out, resume=True)
+print("same:", again["step"] == first["step"] and again["energy/metabolic"] == first["energy/metabolic"])
+"""
+    proc = ok(subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True,
+                             timeout=300))
+    lines = proc.stdout.strip().splitlines()
+    assert "refused: True" in lines and "same: True" in lines, proc.stdout[-2000:]
