@@ -23,11 +23,19 @@ from metabolic.engine.config import ConfigError, load_config
     ("optimizer.betas=[0.9,nan]", "optimizer.betas"),
     ("energy.budget=inf", "energy.budget"),
     ("data.screen=true", "data.screen"),  # the default policy (full) has no per-sample rule
+    ("train.eval_batch_size=-4", "train.eval_batch_size"),
+    ("model.heads=3", "model.heads"),  # the default model has no heads, but vit does: see below
 ])
 def test_bad_override_names_key(override, key):
+    extra = ["model.name=vit"] if key == "model.heads" else []
     with pytest.raises(ConfigError) as err:
-        load_config(CONFIG, [override])
+        load_config(CONFIG, extra + [override])
     assert f"'{key}'" in str(err.value)
+
+
+@pytest.mark.parametrize("model", ["mlp", "resnet_small"])
+def test_heads_are_not_checked_for_models_without_attention(model):
+    assert load_config(CONFIG, [f"model.name={model}", "model.width=50"]).model.width == 50
 
 
 def test_defaults_load():

@@ -257,8 +257,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(cfg.model.name in MODELS, "model.name", cfg.model.name, f"one of {MODELS}")
     _check(cfg.model.width >= 1, "model.width", cfg.model.width, ">= 1")
     _check(cfg.model.depth >= 1, "model.depth", cfg.model.depth, ">= 1")
-    _check(cfg.model.heads >= 1 and cfg.model.width % cfg.model.heads == 0, "model.heads", cfg.model.heads,
-           f">= 1 and dividing model.width={cfg.model.width}")
+    if cfg.model.name == "vit" or cfg.model.name in LM_MODELS:  # only attention has heads
+        _check(cfg.model.heads >= 1 and cfg.model.width % cfg.model.heads == 0, "model.heads", cfg.model.heads,
+               f">= 1 and dividing model.width={cfg.model.width}")
     _check(cfg.model.mlp_ratio >= 1, "model.mlp_ratio", cfg.model.mlp_ratio, ">= 1")
     _check(cfg.model.patch_size >= 1, "model.patch_size", cfg.model.patch_size, ">= 1")
     is_lm = cfg.model.name in LM_MODELS
@@ -289,6 +290,8 @@ def validate(cfg: ExperimentConfig) -> None:
     t = cfg.train
     _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "null or >= 1")
+    _check(t.eval_batch_size is None or t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size,
+           "null or >= 1")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, ">= 1")
     _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1")
     _check(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
