@@ -64,6 +64,32 @@ def test_fallback_compiled_matches_reference():
     compare(fallback_step, "adamw", "random", 1.0, True, compile=True)
 
 
+def test_fallback_energy_compile_failure_applies_the_step_once(monkeypatch):
+    # The compiled step writes p before its energy pass; if only that pass fails to compile,
+    # the energy is computed eagerly and the step is not run a second time.
+    from metabolic.kernels import fallback
+
+    def compiled(name):
+        if name == "energy":
+            def broken(*args, **kwargs):
+                raise RuntimeError("simulated compile failure")
+            return broken
+        return fallback._FUNCTIONS[name]
+
+    monkeypatch.setattr(fallback, "_get_compiled", compiled)
+    monkeypatch.setattr(fallback, "_compile_broken", False)
+    compare(fallback_step, "adamw", "topk", 1.0, True, compile=True)
+    assert fallback._compile_broken  # later steps go eager
+
+
+@pytest.mark.parametrize("rule", ["block", "topk", "dense"])
+def test_fallback_steps_an_empty_tensor(rule):
+    spec = make_spec("adamw", rule, 1.0, True)
+    p, g, st = make_case("adamw", True, 0)
+    e, c = fallback_step(p, g, st, spec, compile=False)
+    assert float(e) == 0.0 and int(c) == 0
+
+
 def test_fallback_bf16_copy_is_rounded_copy_of_new_params():
     spec = make_spec("adamw", "topk", 1.0, False)
     p, g, st = make_case("adamw", False, 10_000)

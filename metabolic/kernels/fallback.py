@@ -214,9 +214,23 @@ def fallback_step(p: torch.Tensor, g: torch.Tensor, state: dict, spec: StepSpec,
     return _step(p, g, state, spec, out_bf16, compiled=False)
 
 
+def _stored_energy(dw: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energy of the change the compiled step stored. p is already written here, so a compile
+    failure must not send the whole step round again (eager): it would be applied twice."""
+    global _compile_broken
+    try:
+        return _call("energy", True, dw, alpha=alpha)
+    except Exception as exc:
+        _compile_broken = True
+        log.warning("torch.compile of the energy pass failed, using eager: %s", exc)
+        return _energy(dw, alpha=alpha)
+
+
 def _step(p, g, state, spec, out_bf16, compiled: bool):
     n = p.numel()
     dev = p.device
+    if n == 0:
+        return torch.zeros((), dtype=torch.float64, device=dev), torch.zeros((), dtype=torch.int64, device=dev)
     g = g.float()
     has_momentum = spec.kind == "adamw" or spec.momentum != 0.0
     m = state.get("exp_avg", state.get("momentum_buffer")) if has_momentum else None
@@ -250,7 +264,7 @@ def _step(p, g, state, spec, out_bf16, compiled: bool):
                      hp, hi, aux, s, rule=spec.select, block_size=spec.block_size,
                      alpha=float(spec.alpha), **flags)
         if compiled:  # one more pass, over the stored change only
-            e, c = _call("energy", compiled, dw, alpha=float(spec.alpha))
+            e, c = _stored_energy(dw, float(spec.alpha))
         energy += e.double()
         changed += c
     return energy, changed
