@@ -66,6 +66,9 @@ def test_launch_errors_exit_2_and_write_nothing(tmp_path):
     proc = metabolic("launch", str(CONFIG), f"output_dir={out}", "--accelerate-config",
                      str(REPO / "configs/accelerate/deepspeed_zero3.yaml"), timeout=120)
     assert proc.returncode == 2 and "deepspeed.zero_stage=3" in proc.stderr
+    for flag in ("--nodes", "--procs-per-node"):  # 0 is a value to refuse, not "use the default"
+        proc = metabolic("launch", str(CONFIG), f"output_dir={out}", flag, "0", "--dry-run", timeout=120)
+        assert proc.returncode == 2 and ">= 1" in proc.stderr, proc.stderr
     assert not out.exists()
 
 

@@ -81,14 +81,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
     try:
         # Unset flags come from --accelerate-config (when given), then from the defaults.
         file_values = defaults_from_accelerate_config(args.accelerate_config) if args.accelerate_config else {}
-        nodes = args.nodes or file_values.get("nodes", 1)
+        # `is None`, not `or`: an explicit 0 must reach LaunchSpec's check, not become the default
+        nodes = args.nodes if args.nodes is not None else file_values.get("nodes", 1)
         node_rank = args.node_rank
         if node_rank is None:
             node_rank = int(os.environ["SLURM_NODEID"]) if nodes > 1 and "SLURM_NODEID" in os.environ \
                 else file_values.get("node_rank", 0)
         spec = LaunchSpec(args.config, list(args.overrides), nodes=nodes,
-                          procs_per_node=args.procs_per_node or file_values.get("procs_per_node")
-                          or default_procs_per_node(),
+                          procs_per_node=args.procs_per_node if args.procs_per_node is not None
+                          else file_values.get("procs_per_node") or default_procs_per_node(),
                           main_address=args.main_address or file_values.get("main_address"),
                           main_port=args.main_port if args.main_port is not None else file_values.get("main_port"),
                           node_rank=node_rank, accelerate_config=args.accelerate_config)
