@@ -93,6 +93,12 @@ def test_hf_source_parquet_files(tmp_path):
         load_hf_split("test", path=str(tmp_path / "pq"), label_key="target")
 
 
+def test_hub_name_with_a_local_folder_that_holds_no_split_says_how_to_reach_the_hub(tmp_path):
+    # data.path defaults to the IDX folder: a hub name alone would read (and fail on) that folder
+    with pytest.raises(DatasetMissingError, match=r"holds no train split.*data.hf_name 'org/name'.*data.path=null"):
+        load_hf_split("train", path=str(tmp_path), hub_name="org/name")
+
+
 def test_batch_keeps_indices_and_augments_reproducibly():
     images = torch.arange(4 * 1 * 6 * 6, dtype=torch.float32).reshape(4, 1, 6, 6).to(torch.uint8)
     arrays = ImageArrays(images, torch.tensor([0, 1, 2, 3]), num_classes=4, mean=0.0, std=1.0)

@@ -38,7 +38,14 @@ def load_hf_split(split: str, path: Optional[str] = None, hub_name: Optional[str
                   image_key: str = "image", label_key: str = "label") -> ImageArrays:
     """Load a split as ImageArrays from local files (preferred when present) or the hub."""
     if path and Path(path).exists():
-        ds = _load_local(Path(path), split)
+        try:
+            ds = _load_local(Path(path), split)
+        except DatasetMissingError as err:
+            if not hub_name:
+                raise
+            # local files win when present; say how to reach the hub instead
+            raise DatasetMissingError(f"{err}; to load data.hf_name '{hub_name}' from the hub, "
+                                      "set data.path=null") from err
     elif hub_name:
         import datasets
 
