@@ -1,5 +1,5 @@
 # The two commands of the README. Both set everything up in .venv first (idempotent).
-.PHONY: setup train test bench-gpu
+.PHONY: setup train test
 
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/metabolic/torch_extensions
 

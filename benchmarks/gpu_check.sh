@@ -14,7 +14,8 @@ OUT="${OUT:-./gpu_out}"
 PY="${PYTHON:-python}"
 mkdir -p "$OUT"
 status=0
-# Parts to run (default: tests bench lm): PARTS="lm science" runs only those.
+# Parts to run (default: tests bench lm): PARTS="lm science" runs only those; add science to the
+# defaults with PARTS="tests bench lm science".
 PARTS=" ${PARTS:-tests bench lm} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"

@@ -8,8 +8,8 @@ simply training less); and dense_energy_low / _high, dense on a schedule shorten
 of dense's energy/metabolic that each joint run spent (a cosine run's spend scales with its
 length), i.e. dense at about equal energy. Prints one table per task with each figure's ratio
 to dense and a table of every run's metric at the joint runs' energies (interpolated between
-its evaluations), writes a plot, and with --json prints the rows (method + DESIGN.md metric
-names).
+its evaluations), writes a plot, and with --json prints the rows (method + the metric
+names listed in README.md's Training section).
 
     python benchmarks/science.py --quick          # CI-sized: small subsets, ~minutes on 2 cores
     python benchmarks/science.py                  # full: default Fashion-MNIST experiment and lm_tiny

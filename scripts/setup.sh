@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv in the repo root and install metabolic into it; idempotent and fast when done.
-#   CPU machines: torch==2.13.0 first (PLATFORM.md: a range alone would pull a CUDA build),
+#   CPU machines: torch==2.13.0 first (a range alone would pull a CUDA build),
 #   then the project, whose torch range 2.13.0 satisfies. GPU machines keep their CUDA torch.
 #   Fashion-MNIST: the Debian package dataset-fashion-mnist when missing and apt can install it.
 set -euo pipefail

@@ -64,7 +64,7 @@ class DataConfig:
     source: str = "idx"
     """Dataset source: idx (IDX files), hf (Hugging Face datasets) or text (language models, see data.text)."""
     path: Optional[str] = "/usr/share/datasets/fashion-mnist"
-    """Folder of IDX files, or a local dataset folder/file for source=hf."""
+    """IDX folder; source=hf: local dataset folder (null to use data.hf_name); text: corpus files."""
     hf_name: Optional[str] = None
     """Hub dataset name for source=hf when online (e.g. zalando-datasets/fashion_mnist)."""
     image_key: str = "image"
@@ -221,7 +221,7 @@ class ExperimentConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed engine settings."""
     energy: EnergyConfig = field(default_factory=EnergyConfig)
-    """Energy accounting."""
+    """Energy accounting, and the joint controller's price and budget."""
 
 
 MODELS = ("resnet_small", "resnet18", "mlp", "vit", "gpt2", "llama")

@@ -1,4 +1,4 @@
-"""The `metabolic` command line: train, launch (accelerate, multi-node), submit (SLURM)."""
+"""The `metabolic` command line: train, launch (accelerate, multi-node), submit (SLURM), config, report, compare."""
 
 from __future__ import annotations
 
