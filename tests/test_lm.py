@@ -91,6 +91,21 @@ def test_hf_save_loads_back_with_equal_logits(tmp_path, name):
         assert torch.allclose(model(ids), loaded(input_ids=ids).logits, atol=1e-5)
 
 
+def test_data_limit_does_not_move_the_validation_set(tmp_path, corpus):
+    # Without streaming, validation is the corpus's last val_fraction whatever data.limit is, so
+    # runs with different limits are evaluated on the same sequences.
+    from metabolic.engine.build import build_lm_task
+    from metabolic.engine.config import load_config
+
+    def task(limit):
+        cfg = load_config(LM_CONFIG, lm_args(tmp_path / "run", corpus, f"data.limit={limit}", "data.eval_limit=null")[1:])
+        return build_lm_task(cfg, torch.device("cpu"), tmp_path / f"t{limit}", True, lambda: None)
+
+    small, full = task(16), task("null")
+    assert small.num_train == 16 and full.num_train > 16
+    assert torch.equal(small.val, full.val) and torch.equal(small.train, full.train[:16])
+
+
 def test_tiny_gpt2_trains_single_process_and_saves_hf(tmp_path, corpus):
     out = tmp_path / "gpt2"
     ok(metabolic("train", *lm_args(out, corpus)))

@@ -24,6 +24,20 @@ def build_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, is_ma
     return ImageClassification(train, test, augment=cfg.data.augment, device=device, dtype=dtype)
 
 
+BPE_STREAM_CHARS = 50_000_000  # text a streamed corpus's BPE tokenizer is trained on (its first documents)
+
+
+def _head(docs, max_chars: int) -> list[str]:
+    """The first documents of `docs`, up to about max_chars characters."""
+    out, total = [], 0
+    for doc in docs:
+        out.append(doc)
+        total += len(doc)
+        if total >= max_chars:
+            break
+    return out
+
+
 def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, is_main: bool, barrier: Callable):
     """Corpus -> tokenizer (trained once and saved in the run) -> packed train/validation sequences."""
     from metabolic.data.text import iter_documents, pack, split_train_val
@@ -35,11 +49,14 @@ def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, is
     def documents():
         return iter_documents(tx.corpus, d.path, d.hf_name, tx.text_key, tx.streaming)
 
-    tokenizer = load_or_build_tokenizer(tx.tokenizer, tx.vocab_size, lambda: list(documents()), run_dir, is_main,
-                                        barrier)
+    def bpe_texts() -> list[str]:  # a stream may be far larger than memory: train BPE on its head
+        return list(documents()) if not tx.streaming else _head(documents(), BPE_STREAM_CHARS)
+
+    tokenizer = load_or_build_tokenizer(tx.tokenizer, tx.vocab_size, bpe_texts, run_dir, is_main, barrier)
     encoded = (tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in documents())
     # With streaming, stop reading once data.limit training sequences (plus validation) are packed.
-    cap = None if d.limit is None else int(d.limit / (1 - tx.val_fraction)) + 1
+    # Without, pack everything: validation stays the corpus's last val_fraction whatever data.limit is.
+    cap = None if d.limit is None or not tx.streaming else int(d.limit / (1 - tx.val_fraction)) + 1
     train, val = split_train_val(pack(encoded, tx.seq_len, tokenizer.eos_token_id, cap), tx.val_fraction)
     if d.limit is not None:
         train = train[: d.limit]
