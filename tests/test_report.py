@@ -1,8 +1,10 @@
 """Report helpers that need no run: the eval metric at equal energy, per-epoch fractions."""
 
+import json
+
 import pytest
 
-from metabolic.engine.report import at_energy_table, epoch_fractions, metric_at
+from metabolic.engine.report import at_energy_table, compare, epoch_fractions, metric_at
 
 RECORDS = [
     {"step": 10, "energy/metabolic": 50.0},  # a training record: no evaluation
@@ -44,3 +46,14 @@ def test_epoch_fractions_measure_each_epoch_between_its_boundaries():
     assert [f["kept_fraction"] for f in fr] == [1.0, 0.5]
     assert [f["trained_fraction"] for f in fr] == [1.0, 0.3]  # screened: trained below the plan
     assert [f["changed_fraction"] for f in fr] == [1.0, 0.5]  # 1000 / (10 * 100), 250 / (5 * 100)
+
+
+def test_compare_refuses_runs_of_different_tasks(tmp_path):
+    # an LM run's loss and a classifier's accuracy would share one column and one axis
+    for name, key, value in (("lm", "eval/loss", 4.0), ("cnn", "eval/accuracy", 0.8)):
+        (tmp_path / name).mkdir()
+        rec = {"step": 5, "epoch": 1, "energy/metabolic": 100.0, "data/samples_backward": 10, key: value}
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(ValueError, match=r"lm \(unfinished, step 5\): eval/loss, cnn \(unfinished, step 5\): eval/accuracy"):
+        compare([tmp_path / "lm", tmp_path / "cnn"], out=tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists()

@@ -198,6 +198,10 @@ def compare(run_dirs: list[str | Path], out: Optional[str | Path] = None,
     at_energy: also each run's eval metric when it had spent each of these energy/metabolic levels
     (accuracy at equal energy, from the evaluations along the run)."""
     runs = [(run_name(d, s), s, r) for d in run_dirs for s, r in [load_run(d)]]
+    metrics = {name: eval_curve(r)[0] for name, _, r in runs if eval_curve(r)[1]}
+    if len(set(metrics.values())) > 1:  # one table column, one plot axis: one metric
+        raise ValueError("compare: the runs report different eval metrics ("
+                         + ", ".join(f"{n}: {k}" for n, k in metrics.items()) + "); compare runs of one task")
     baseline = runs[0][1]
     text = format_table([(name, s) for name, s, _ in runs], baseline=baseline)
     if at_energy:
