@@ -36,8 +36,8 @@ def test_idx_roundtrip_plain_and_gz(tmp_path):
     write_idx(tmp_path / "t10k-images-idx3-ubyte", images[:2])
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels[:2])
     np.testing.assert_array_equal(read_idx(tmp_path / "train-images-idx3-ubyte.gz"), images)
-    split = load_idx_split(tmp_path, "train", num_classes=3)
-    assert split.images.shape == (7, 1, 5, 4)
+    split = load_idx_split(tmp_path, "train")
+    assert split.images.shape == (7, 1, 5, 4) and split.num_classes == int(labels.max()) + 1
     assert split.labels.tolist() == labels.tolist()
     wide = np.arange(6, dtype=np.int64).reshape(2, 3) * 70000
     write_idx(tmp_path / "wide-idx2-int", wide, code=0x0C)
@@ -91,6 +91,34 @@ def test_hf_source_parquet_files(tmp_path):
     assert len(test) == 5 and test.labels.tolist() == splits["test"]["label"]
     with pytest.raises(ValueError, match="data.label_key"):
         load_hf_split("test", path=str(tmp_path / "pq"), label_key="target")
+
+
+def test_classes_come_from_both_splits_and_bad_labels_name_the_key(tmp_path):
+    # A class only the test split holds must fit the model's head (sized from the splits' count).
+    from types import SimpleNamespace
+    from metabolic.data import load_image_splits
+
+    train_labels, test_labels = np.array([0, 1, 1, 0], np.uint8), np.array([2, 0], np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((4, 3, 3), np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", train_labels)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 3, 3), np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", test_labels)
+    cfg = SimpleNamespace(source="idx", path=str(tmp_path), hf_name=None, limit=None, eval_limit=None)
+    train, test = load_image_splits(cfg)
+    assert train.num_classes == test.num_classes == 3
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, -1], np.int32), code=0x0C)
+    with pytest.raises(ValueError, match="'data.path': the test split has negative labels"):
+        load_image_splits(cfg)
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 3, 0, 0]))  # header cut after 6 bytes
+    with pytest.raises(ValueError, match="short is truncated: its header needs 16 bytes"):
+        read_idx(tmp_path / "short")
+
+
+def test_hf_dataset_dict_without_the_split_names_the_splits_it_has(tmp_path):
+    datasets, splits = _tiny_hf(tmp_path)
+    datasets.DatasetDict({"train": splits["train"]}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DatasetMissingError, match=r"holds the splits \['train'\], no 'test'"):
+        load_hf_split("test", path=str(tmp_path / "dd"))
 
 
 def test_hub_name_with_a_local_folder_that_holds_no_split_says_how_to_reach_the_hub(tmp_path):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from metabolic.data.arrays import ImageArrays
 from metabolic.data.hf import load_hf_split
 from metabolic.data.idx import DatasetMissingError, load_idx_split, read_idx
+from metabolic.engine.config import ConfigError
 
 
 def load_image_splits(cfg) -> tuple[ImageArrays, ImageArrays]:
@@ -15,7 +18,17 @@ def load_image_splits(cfg) -> tuple[ImageArrays, ImageArrays]:
         kw = dict(path=cfg.path, hub_name=cfg.hf_name, image_key=cfg.image_key, label_key=cfg.label_key)
         train, test = load_hf_split("train", **kw), load_hf_split("test", **kw)
     else:
-        raise ValueError(f"config key 'data.source': unknown source {cfg.source!r}")
+        raise ConfigError(f"config key 'data.source': unknown source {cfg.source!r}")
+    key = "data.label_key" if cfg.source == "hf" else "data.path"
+    for name, split in (("train", train), ("test", test)):
+        if len(split) == 0:
+            raise DatasetMissingError(f"config key 'data.path': the {name} split of '{cfg.path or cfg.hf_name}' is empty")
+        if int(split.labels.min()) < 0:
+            raise ConfigError(f"config key '{key}': the {name} split has negative labels (unlabelled?); "
+                             "every sample needs a class index >= 0")
+    # One class count for both splits: a class that only the test split holds must still fit the head.
+    classes = max(train.num_classes, test.num_classes)
+    train, test = replace(train, num_classes=classes), replace(test, num_classes=classes)
     return train.head(cfg.limit), test.head(cfg.eval_limit)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from metabolic.data.arrays import ImageArrays
 from metabolic.data.idx import DatasetMissingError
+from metabolic.engine.config import ConfigError
 
 _FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
 
@@ -21,7 +22,10 @@ def _load_local(path: Path, split: str):
     import datasets
 
     if path.is_dir() and (path / "dataset_dict.json").is_file():
-        return datasets.load_from_disk(str(path))[split]
+        splits = datasets.load_from_disk(str(path))
+        if split not in splits:
+            raise DatasetMissingError(f"data.path '{path}' holds the splits {sorted(splits)}, no '{split}'")
+        return splits[split]
     if path.is_dir() and (path / "dataset_info.json").is_file() and split == "train":
         return datasets.load_from_disk(str(path))
     if path.is_dir():
@@ -59,15 +63,15 @@ def load_hf_split(split: str, path: Optional[str] = None, hub_name: Optional[str
         raise DatasetMissingError(f"data.path '{path}' does not exist and data.hf_name is not set")
     for key, name in ((image_key, "data.image_key"), (label_key, "data.label_key")):
         if key not in ds.column_names:
-            raise ValueError(f"config key '{name}': column '{key}' not in dataset columns {ds.column_names}")
+            raise ConfigError(f"config key '{name}': column '{key}' not in dataset columns {ds.column_names}")
     ds = ds.with_format("numpy")
     images = np.stack([np.asarray(im, dtype=np.uint8) for im in ds[image_key]])
     if images.ndim == 3:  # grayscale [N, H, W]
         images = images[:, None]
-    elif images.ndim == 4 and images.shape[-1] in (1, 3):  # channels-last
-        images = images.transpose(0, 3, 1, 2)
+    elif images.ndim == 4 and images.shape[-1] in (1, 3, 4):  # channels-last
+        images = images[..., :3].transpose(0, 3, 1, 2)  # RGBA: the alpha channel carries no class
     labels = np.asarray(ds[label_key], dtype=np.int64)
-    num_classes = int(labels.max()) + 1
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
     feature = getattr(ds.features.get(label_key), "num_classes", None)
     return ImageArrays(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels),
                        num_classes=int(feature or num_classes))

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from metabolic.data.arrays import ImageArrays
+from metabolic.engine.config import ConfigError
 
 # IDX type codes -> numpy dtypes (big-endian on disk).
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -32,14 +33,16 @@ def read_idx(path: str | Path) -> np.ndarray:
     with opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic {raw[:4]!r})")
+        raise ConfigError(f"config key 'data.path': {path} is not an IDX file (bad magic {raw[:4]!r})")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ConfigError(f"config key 'data.path': {path} is truncated: its header needs {4 + 4 * ndim} bytes, the file has {len(raw)}")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     offset = 4 + 4 * ndim
     dtype = np.dtype(_DTYPES[raw[2]])
     count = int(np.prod(dims)) if dims else 1
     if len(raw) - offset < count * dtype.itemsize:
-        raise ValueError(f"{path} is truncated: expected {count} values of shape {dims}")
+        raise ConfigError(f"config key 'data.path': {path} is truncated: expected {count} values of shape {dims}")
     data = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
     return data.reshape(dims)
 
@@ -51,8 +54,9 @@ def _find(folder: Path, stem: str) -> Path:
     raise DatasetMissingError(f"dataset file {folder / stem}[.gz] not found. {MISSING_HELP}")
 
 
-def load_idx_split(folder: str | Path, split: str, num_classes: int = 10) -> ImageArrays:
-    """Load the 'train' or 't10k'/'test' split from an IDX folder."""
+def load_idx_split(folder: str | Path, split: str) -> ImageArrays:
+    """Load the 'train' or 't10k'/'test' split from an IDX folder (normalised with Fashion-MNIST's
+    mean and std; classes: the largest label + 1, reconciled across splits by load_image_splits)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetMissingError(f"data.path '{folder}' is not a folder. {MISSING_HELP}")
@@ -60,7 +64,7 @@ def load_idx_split(folder: str | Path, split: str, num_classes: int = 10) -> Ima
     images = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{folder}: {images.shape[0]} images but {labels.shape[0]} labels in split {split}")
+        raise ConfigError(f"config key 'data.path': {folder}: {images.shape[0]} images but {labels.shape[0]} labels in split {split}")
     x = torch.from_numpy(images.astype(np.uint8, copy=True)).unsqueeze(1)  # [N, 1, H, W]
     y = torch.from_numpy(labels.astype(np.int64, copy=True))
-    return ImageArrays(x, y, num_classes=num_classes, mean=0.2860, std=0.3530)
+    return ImageArrays(x, y, num_classes=int(y.max()) + 1 if len(y) else 0, mean=0.2860, std=0.3530)

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from metabolic.data.idx import DatasetMissingError
+from metabolic.engine.config import ConfigError
 
 EOT = "<|endoftext|>"
 
@@ -43,7 +44,7 @@ def text_files(path: str) -> list[Path]:
     if p.is_dir():
         files = sorted(p.rglob("*.txt"))
     else:
-        files = sorted(Path(f) for f in glob.glob(path, recursive=True))
+        files = sorted(f for f in map(Path, glob.glob(path, recursive=True)) if f.is_file())  # `**` also matches folders
     if not files:
         raise DatasetMissingError(f"config key 'data.path': no text files at '{path}'")
     return files
@@ -63,7 +64,7 @@ def iter_documents(corpus: str, path: Optional[str] = None, hf_name: Optional[st
     elif corpus == "hf":
         yield from _hf_documents(path, hf_name, text_key, streaming)
     else:
-        raise ValueError(f"config key 'data.text.corpus': unknown corpus {corpus!r}")
+        raise ConfigError(f"config key 'data.text.corpus': unknown corpus {corpus!r}")
 
 
 def _hf_documents(path: Optional[str], hf_name: Optional[str], text_key: str, streaming: bool) -> Iterator[str]:
@@ -71,7 +72,13 @@ def _hf_documents(path: Optional[str], hf_name: Optional[str], text_key: str, st
 
     if path and Path(path).exists():
         p = Path(path)
-        if p.is_dir() and (p / "dataset_info.json").is_file():
+        if p.is_dir() and (p / "dataset_dict.json").is_file():  # save_to_disk of load_dataset(name)
+            splits = datasets.load_from_disk(str(p))
+            if "train" not in splits:
+                raise DatasetMissingError(f"config key 'data.path': '{path}' holds the splits {sorted(splits)}, "
+                                          "no 'train'")
+            ds = splits["train"]
+        elif p.is_dir() and (p / "dataset_info.json").is_file():
             ds = datasets.load_from_disk(str(p))
         else:
             builders = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
@@ -90,7 +97,7 @@ def _hf_documents(path: Optional[str], hf_name: Optional[str], text_key: str, st
         raise DatasetMissingError("corpus=hf needs data.path (local files) or data.hf_name (hub)")
     for row in ds:
         if text_key not in row:
-            raise ValueError(f"config key 'data.text.text_key': column '{text_key}' not in {sorted(row)}")
+            raise ConfigError(f"config key 'data.text.text_key': column '{text_key}' not in {sorted(row)}")
         yield row[text_key]
 
 
@@ -128,7 +135,8 @@ def split_train_val(packed: torch.Tensor, val_fraction: float) -> tuple[torch.Te
     """The last ceil(val_fraction * N) sequences are validation; the rest train."""
     n_val = max(1, math.ceil(val_fraction * packed.shape[0]))
     if packed.shape[0] - n_val < 1:
-        raise ValueError(f"corpus too small: {packed.shape[0]} sequences cannot give train and validation splits")
+        raise ConfigError(f"config key 'data.text.seq_len': corpus too small: {packed.shape[0]} sequences cannot give train and validation splits "
+                         "(lower data.text.seq_len, raise data.limit, or use a larger corpus in data.path)")
     return packed[:-n_val], packed[-n_val:]
 
 

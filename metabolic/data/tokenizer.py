@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterable
 
 from metabolic.data.text import EOT
+from metabolic.engine.config import ConfigError
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int):
@@ -52,8 +53,8 @@ def load_or_build_tokenizer(spec: str, vocab_size: int, texts_fn, run_dir: Path,
     try:
         tok = AutoTokenizer.from_pretrained(spec)
     except Exception as err:
-        raise FileNotFoundError(f"config key 'data.text.tokenizer': cannot load tokenizer '{spec}' "
+        raise ConfigError(f"config key 'data.text.tokenizer': cannot load tokenizer '{spec}' "
                                 f"({type(err).__name__}: {err})") from err
     if tok.eos_token_id is None:
-        raise ValueError(f"config key 'data.text.tokenizer': tokenizer '{spec}' has no eos token to join documents")
+        raise ConfigError(f"config key 'data.text.tokenizer': tokenizer '{spec}' has no eos token to join documents")
     return tok

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from metabolic.engine.config import LM_MODELS, ExperimentConfig
+from metabolic.engine.config import LM_MODELS, ConfigError, ExperimentConfig
 
 
 def build_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, is_main: bool, barrier: Callable):
@@ -142,7 +142,7 @@ def build_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
         return MaskedAdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, **select)
     if o.name == "masked_sgd":
         return MaskedSGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **select)
-    raise ValueError(f"config key 'optimizer.name': unknown optimizer {o.name!r}")
+    raise ConfigError(f"config key 'optimizer.name': unknown optimizer {o.name!r}")
 
 
 def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict:

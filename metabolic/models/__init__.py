@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from metabolic.engine.config import ConfigError
 from metabolic.models.mlp import MLP
 from metabolic.models.resnet import ResNet, resnet18, resnet_small
 
@@ -20,7 +21,7 @@ def build_classifier(cfg, sample_shape: tuple[int, ...], num_classes: int) -> nn
         from metabolic.models.vit import ViTClassifier
 
         return ViTClassifier(sample_shape, num_classes, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.patch_size)
-    raise ValueError(f"config key 'model.name': unknown model {cfg.name!r}")
+    raise ConfigError(f"config key 'model.name': unknown model {cfg.name!r}")
 
 
 __all__ = ["build_classifier", "MLP", "ResNet", "resnet_small", "resnet18"]

@@ -15,6 +15,8 @@ import torch._dynamo  # noqa: F401  (import before deepspeed.zero.Init, see PLAT
 import transformers  # noqa: F401
 from torch import nn
 
+from metabolic.engine.config import ConfigError
+
 
 def lm_config(cfg, vocab_size: int, seq_len: int, eos_id: int):
     """A transformers config for ModelConfig `cfg` (gpt2 or llama)."""
@@ -29,7 +31,7 @@ def lm_config(cfg, vocab_size: int, seq_len: int, eos_id: int):
                            num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
                            max_position_embeddings=seq_len, bos_token_id=eos_id, eos_token_id=eos_id,
                            tie_word_embeddings=True, attn_implementation="sdpa")
-    raise ValueError(f"config key 'model.name': {cfg.name!r} is not a language model")
+    raise ConfigError(f"config key 'model.name': {cfg.name!r} is not a language model")
 
 
 class CausalLM(nn.Module):
@@ -51,11 +53,15 @@ def build_causal_lm(cfg, vocab_size: int, seq_len: int, eos_id: int) -> CausalLM
         try:
             hf = AutoModelForCausalLM.from_pretrained(cfg.pretrained, attn_implementation="sdpa")
         except Exception as err:
-            raise FileNotFoundError(f"config key 'model.pretrained': cannot load '{cfg.pretrained}' "
+            raise ConfigError(f"config key 'model.pretrained': cannot load '{cfg.pretrained}' "
                                     f"({type(err).__name__}: {err})") from err
         if hf.config.vocab_size < vocab_size:
-            raise ValueError(f"config key 'model.pretrained': model vocabulary {hf.config.vocab_size} is smaller "
+            raise ConfigError(f"config key 'model.pretrained': model vocabulary {hf.config.vocab_size} is smaller "
                              f"than the tokenizer's {vocab_size} (use the model's own tokenizer)")
+        positions = getattr(hf.config, "max_position_embeddings", None) or getattr(hf.config, "n_positions", None)
+        if positions is not None and positions < seq_len:
+            raise ConfigError(f"config key 'data.text.seq_len': {seq_len} is longer than the {positions} positions "
+                             f"model.pretrained '{cfg.pretrained}' was trained for")
     else:
         hf = AutoModelForCausalLM.from_config(lm_config(cfg, vocab_size, seq_len, eos_id))
     return CausalLM(hf)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from metabolic.engine.config import ConfigError
+
 
 class ViTClassifier(nn.Module):
     """transformers ViTForImageClassification returning logits."""
@@ -16,7 +18,7 @@ class ViTClassifier(nn.Module):
 
         c, h, w = sample_shape
         if h != w or h % patch_size:
-            raise ValueError(f"config key 'model.patch_size': {patch_size} must divide the {h}x{w} image")
+            raise ConfigError(f"config key 'model.patch_size': {patch_size} must divide the {h}x{w} image")
         config = ViTConfig(image_size=h, patch_size=patch_size, num_channels=c, hidden_size=width,
                            num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=mlp_ratio * width,
                            num_labels=num_classes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
