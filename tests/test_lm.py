@@ -68,6 +68,11 @@ def test_text_source_reads_local_files_through_datasets(tmp_path, corpus):
     assert len(lines) > 100 and "".join(lines).replace("\n", "") == "".join(direct).replace("\n", "")
     with pytest.raises(ValueError, match="data.text.text_key"):
         next(iter_documents("hf", str(tmp_path / "pq"), text_key="text"))
+    # what load_dataset(name).save_to_disk(folder) writes: a DatasetDict folder
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": direct})}).save_to_disk(str(tmp_path / "dd"))
+    assert list(iter_documents("hf", str(tmp_path / "dd"), text_key="body")) == direct
+    # a recursive glob also matches folders: only files are read
+    assert list(iter_documents("files", str(corpus) + "/**")) == direct
 
 
 def test_unigram_entropy():
@@ -123,12 +128,24 @@ def test_tiny_gpt2_trains_single_process_and_saves_hf(tmp_path, corpus):
     model = AutoModelForCausalLM.from_pretrained(str(out / "hf_model")).eval()
     tok = AutoTokenizer.from_pretrained(str(out / "hf_model"))
     docs = (tok(d, add_special_tokens=False)["input_ids"] for d in iter_documents("files", str(corpus)))
-    _, val = split_train_val(pack(docs, 32, tok.eos_token_id, int(128 / 0.95) + 1), 0.05)
+    _, val = split_train_val(pack(docs, 32, tok.eos_token_id), 0.05)
     val = val[:16]
     task = LanguageModeling(val, val, len(tok), torch.device("cpu"))
     with torch.no_grad():
         sums = task.eval_sums(model(input_ids=val).logits, val, torch.ones(len(val), dtype=torch.bool))
     assert task.eval_metrics(sums)["eval/loss"] == pytest.approx(s["eval/loss"], rel=1e-4)
+
+
+    # Fine-tuning from the saved folder (what a hub name gives online): it starts where the run ended.
+    tuned = tmp_path / "tuned"
+    pre = [f"model.pretrained={out / 'hf_model'}", f"data.text.tokenizer={out / 'hf_model'}"]
+    ok(metabolic("train", *lm_args(tuned, corpus, *pre, "train.max_steps=1")))
+    assert records(tuned)[0]["train/loss"] < first["train/loss"] - 0.3
+    too_long = metabolic("train", *lm_args(tmp_path / "long", corpus, *pre, "data.text.seq_len=64"))
+    assert too_long.returncode == 2 and "Traceback" not in too_long.stderr
+    assert "metabolic: error: config key 'data.text.seq_len'" in too_long.stderr and "32 positions" in too_long.stderr
+    wrong_tok = metabolic("train", *lm_args(tmp_path / "tok", corpus, pre[0]))  # lm_args' byte tokenizer
+    assert wrong_tok.returncode == 2 and "data.text.tokenizer" in wrong_tok.stderr
 
 
 @pytest.mark.parametrize("name, stage", [("gpt2", 3), ("llama", 2), ("llama", 3)])

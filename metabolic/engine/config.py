@@ -266,6 +266,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(is_lm == (cfg.data.source == "text"), "data.source", cfg.data.source,
            "text for language models (gpt2, llama), idx or hf for classifiers")
     tx = cfg.data.text
+    # A tokenizer trained here (or bytes) numbers tokens unlike the pretrained model's embedding.
+    _check(not (is_lm and cfg.model.pretrained) or tx.tokenizer not in ("bpe", "byte"), "data.text.tokenizer",
+           tx.tokenizer, "the pretrained model's own tokenizer (its path or hub name) when model.pretrained is set")
     _check(tx.corpus in CORPORA, "data.text.corpus", tx.corpus, f"one of {CORPORA}")
     _check(tx.vocab_size >= 260, "data.text.vocab_size", tx.vocab_size, ">= 260")
     _check(tx.seq_len >= 2, "data.text.seq_len", tx.seq_len, ">= 2")
