@@ -34,10 +34,12 @@ on_usr1() {
 }
 trap on_usr1 USR1
 
-srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+# The node's task launches every rank, so it needs all the CPUs sbatch reserved: srun of Slurm
+# 22.05-23.02 does not inherit --cpus-per-task from the allocation.
+srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 \
   bash -c 'trap "" USR1; exec "$@" --node-rank "$SLURM_NODEID"' metabolic-node \
   "$PYTHON" -m metabolic launch "${EXPERIMENT[@]}" --nodes "$NNODES" --procs-per-node "$PROCS_PER_NODE" \
-  --main-address "$HEAD_ADDR" --main-port "$MAIN_PORT" "${LAUNCH_EXTRA[@]}" &
+  --main-address "$HEAD_ADDR" --main-port "$MAIN_PORT" ${LAUNCH_EXTRA[@]+"${LAUNCH_EXTRA[@]}"} &  # empty array: safe under set -u on bash < 4.4
 step=$!
 while :; do
   wait "$step"; code=$?

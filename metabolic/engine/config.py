@@ -28,7 +28,7 @@ class ModelConfig:
     width: int = 32
     """Channels of the first stage (CNN), hidden units (MLP), hidden size (ViT, LMs)."""
     depth: int = 2
-    """Residual blocks per stage (CNN), hidden layers (MLP), transformer layers (ViT, LMs)."""
+    """Residual blocks per stage (resnet_small; resnet18 has 2), hidden layers (MLP), layers (ViT, LMs)."""
     heads: int = 4
     """Attention heads (ViT, LMs)."""
     mlp_ratio: int = 4
