@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from metabolic.engine.report import at_energy_table, compare, epoch_fractions, metric_at
+from metabolic.engine.report import at_energy_table, compare, epoch_fractions, load_run, metric_at
 
 RECORDS = [
     {"step": 10, "energy/metabolic": 50.0},  # a training record: no evaluation
@@ -57,3 +57,15 @@ def test_compare_refuses_runs_of_different_tasks(tmp_path):
     with pytest.raises(ValueError, match=r"lm \(unfinished, step 5\): eval/loss, cnn \(unfinished, step 5\): eval/accuracy"):
         compare([tmp_path / "lm", tmp_path / "cnn"], out=tmp_path / "c.png")
     assert not (tmp_path / "c.png").exists()
+
+
+def test_an_unfinished_run_rebuilds_its_per_epoch_plan_from_the_records(tmp_path):
+    def rec(step, epoch, plan, kept, backward):
+        return {"step": step, "epoch": epoch, "data/plan_epoch": plan, "data/kept_fraction": kept,
+                "data/samples_backward": backward, "data/effective_epochs": backward / 100}
+    # the epoch-end record of epoch 0 already says epoch 1 but still carries plan 0's fraction
+    records = [rec(5, 0, 0, 1.0, 50), rec(10, 1, 0, 1.0, 100), rec(12, 1, 1, 0.4, 120)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary, _ = load_run(tmp_path)
+    assert summary["status"] == "unfinished" and summary["dataset_size"] == 100
+    assert summary["epochs"] == [{"epoch": 0, "kept_fraction": 1.0}, {"epoch": 1, "kept_fraction": 0.4}]

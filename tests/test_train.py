@@ -224,6 +224,7 @@ def test_resume_after_preemption_equals_uninterrupted(tmp_path, fmnist, extra):
     # a stopped run is reported from its last record, marked unfinished
     rep = ok(metabolic("report", str(cut), timeout=120)).stdout
     assert f"cut (unfinished, step {stopped_at})" in rep and "bwd samples" in rep
+    assert re.search(r"^0\s+1\s", rep, re.M), rep  # epoch 0's row of the per-epoch table: every sample kept
 
     ok(metabolic("train", str(CONFIG), f"output_dir={cut}", *args, "resume=true"))
     assert comparable(summary(cut)) == comparable(summary(full))

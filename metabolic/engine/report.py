@@ -39,6 +39,12 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     if evals and evals[-1] is not records[-1]:
         summary.update({k: v for k, v in evals[-1].items() if k.startswith("eval/")}, eval_step=evals[-1]["step"])
+    # The per-epoch plan a finished run's summary holds, rebuilt from the records of the epochs seen.
+    plans = {r["data/plan_epoch"]: r.get("data/kept_fraction") for r in records if "data/plan_epoch" in r}
+    summary["epochs"] = [{"epoch": e, "kept_fraction": k} for e, k in sorted(plans.items())]
+    last = records[-1]
+    if last.get("data/effective_epochs") and last.get("data/samples_backward"):
+        summary["dataset_size"] = round(last["data/samples_backward"] / last["data/effective_epochs"])
     return summary, records
 
 

@@ -373,6 +373,7 @@ class Trainer:
         if self.history:  # the data plan of the epoch these steps trained on
             record["data/kept_fraction"] = self.history[-1]["kept_fraction"]
             record["data/active_hash"] = self.history[-1]["active_hash"]
+            record["data/plan_epoch"] = self.history[-1]["epoch"]
         if self.controller is not None:
             record["energy/price"] = self.controller.price
             record["energy/data_threshold"] = self.controller.data_threshold
