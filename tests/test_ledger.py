@@ -1,5 +1,8 @@
 """The energy ledger against weight snapshots taken by the test, and M >= M_min."""
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -44,8 +47,8 @@ def test_ledger_matches_snapshots_and_bounds_min(monkeypatch, alpha, optimizer, 
     # native: the C one-pass diff on CPU; torch: what runs elsewhere (GPU, no compiler, bf16)
     if path == "torch":
         monkeypatch.setattr(native, "diff_energy", lambda *a: None)
-    elif not native.available():
-        pytest.skip(f"native step not built: {native.unavailable_reason()}")
+    elif shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler on PATH: only the torch path runs")
     got, expected, changed, m_min = _train(alpha, optimizer=optimizer)
     assert got["energy/metabolic"] == pytest.approx(expected, rel=1e-6)
     assert got["energy/changed_weights"] == changed
@@ -61,7 +64,7 @@ def test_energy_of_zero_costs_nothing():
     assert float(energy_of(dw, 0.5)) == pytest.approx(0.5 ** 0.5 + 2 ** 0.5)
 
 
-@pytest.mark.skipif(not native.available(), reason="native step not built")
+@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler on PATH")
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_native_diff_energy_matches_float64_on_a_large_buffer(monkeypatch, alpha):
     # 1M elements, 30% changed, split across threads: float32 chunk sums stay within 1e-6

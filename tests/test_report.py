@@ -69,3 +69,18 @@ def test_an_unfinished_run_rebuilds_its_per_epoch_plan_from_the_records(tmp_path
     summary, _ = load_run(tmp_path)
     assert summary["status"] == "unfinished" and summary["dataset_size"] == 100
     assert summary["epochs"] == [{"epoch": 0, "kept_fraction": 1.0}, {"epoch": 1, "kept_fraction": 0.4}]
+
+
+def test_compare_gives_each_figure_as_a_ratio_to_the_first_run(tmp_path):
+    runs = {"dense": (0.90, 1000.0, 600), "sparse": (0.88, 250.0, 300)}
+    for name, (acc, m, bwd) in runs.items():
+        (tmp_path / name).mkdir()
+        summary = {"step": 10, "eval/accuracy": acc, "energy/metabolic": m, "data/samples_backward": bwd}
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+        rec = {"step": 10, "epoch": 1, "energy/metabolic": m, "data/samples_backward": bwd, "eval/accuracy": acc}
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+    text = compare([tmp_path / "dense", tmp_path / "sparse"], out=tmp_path / "c.png")
+    sparse = next(line for line in text.splitlines() if line.startswith("sparse"))
+    assert "0.88 (0.98x)" in sparse and "250 (0.25x)" in sparse and "300 (0.50x)" in sparse
+    dense = next(line for line in text.splitlines() if line.startswith("dense"))
+    assert "1000 (1.00x)" in dense and (tmp_path / "c.png").is_file()
