@@ -80,13 +80,14 @@ def test_controller_meets_budget_on_a_small_run(tmp_path, fmnist):
     ok(metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=3", "train.micro_batch_size=16",
                  "optimizer.name=masked_adamw", "optimizer.select=soft", "data.policy=price",
                  "energy.controller=true", f"energy.budget={budget}", "energy.price=0.001", "energy.price_step=1.0",
-                 "energy.data_scale=100"))
+                 "energy.data_scale=300"))
     s = summary(out)
     assert abs(s["energy/metabolic"] - budget) <= 0.1 * budget, s["energy/metabolic"]
     prices = [r["energy/price"] for r in records(out)]
     assert len(set(prices)) > 3  # the price was actually steered
     # Both sides were priced: some weights did not change, and the data plan dropped samples.
     assert s["energy/changed_weights"] < 0.9 * s["step"] * s["energy/num_weights"]
+    assert min(e["kept_fraction"] for e in s["epochs"]) < 1.0 and s["data/samples_backward"] < 3 * 384
 
 
 def test_relative_data_units_price_samples_against_the_mean_first_moment():

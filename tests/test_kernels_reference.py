@@ -132,7 +132,8 @@ def test_count_price_only_with_soft():
 def test_soft_and_hard_follow_the_per_coordinate_rules(kind):
     for rule in ("soft", "hard"):
         p, g, state = make_case(kind, residual=False)
-        spec = spec_for(kind, rule)
+        # SGD's eta is lr: a soft price of 0.1 shrinks each update by 1e-4, far above rounding
+        spec = spec_for(kind, rule, **({"price": 0.1} if (kind, rule) == ("sgd", "soft") else {}))
         u, eta = candidate(kind, p, g, state, spec)
         before = p.clone()
         reference_step(p, g, state, spec)
@@ -141,9 +142,13 @@ def test_soft_and_hard_follow_the_per_coordinate_rules(kind):
             expected = torch.sign(u) * torch.clamp(u.abs() - spec.price * eta, min=0)
         else:
             expected = torch.where(u * u / (2 * eta) > spec.price, u, torch.zeros_like(u))
-        close = (applied - expected).abs() <= 1e-6 * (1 + expected.abs()) + 2e-7
-        # the hard rule may flip elements whose gain sits within rounding of the price
-        assert close.float().mean() > 0.999
+        # fp32 rounding of p + dw: two ulps of the weight, and a relative 1e-6 of the change
+        tol = 2 * torch.finfo(torch.float32).eps * before.double().abs() + 1e-6 * expected.abs()
+        close = (applied - expected).abs() <= tol
+        if rule == "soft":
+            assert bool(close.all()), int((~close).sum())
+        else:  # the hard rule may flip elements whose gain sits within rounding of the price
+            assert close.float().mean() > 0.999
         assert 0.01 < (applied != 0).float().mean() < 1.0
 
 
