@@ -55,9 +55,9 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def stop_at_step(args: list[str], out: Path, step: int, timeout: float = 200) -> None:
-    """Run `metabolic train *args output_dir=out`, send SIGUSR1 (the preemption signal) once its
-    metrics reach `step`, and require the checkpointed stop's exit code (75)."""
+def stop_at_step(args: list[str], out: Path, step: int, timeout: float = 200, sig: int = signal.SIGUSR1) -> None:
+    """Run `metabolic train *args output_dir=out`, send `sig` (default SIGUSR1, SLURM's preemption
+    signal) once its metrics reach `step`, and require the checkpointed stop's exit code (75)."""
     proc = subprocess.Popen([sys.executable, "-m", "metabolic", "train", *args, f"output_dir={out}"],
                             cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -67,7 +67,7 @@ def stop_at_step(args: list[str], out: Path, step: int, timeout: float = 200) ->
             if path.is_file() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()):
                 break
             time.sleep(0.1)
-        proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(sig)
         proc.wait(timeout=timeout)
     finally:
         proc.kill()

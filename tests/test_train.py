@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from helpers import CONFIG, REPO, SMALL, comparable, env, free_port, metabolic, ok, records, summary, torchrun
+from helpers import (CONFIG, REPO, SMALL, comparable, env, free_port, metabolic, ok, records, stop_at_step, summary,
+                     torchrun)
 
 METRICS = {"step", "epoch", "train/loss", "energy/metabolic", "energy/metabolic_min", "energy/changed_weights",
            "energy/joules", "data/samples_forward", "data/samples_backward", "data/effective_epochs",
@@ -256,15 +257,19 @@ def test_resume_without_checkpoint_sets_earlier_records_aside(tmp_path, fmnist):
     assert all(r["step"] <= 12 for r in records(out)) and summary(out)["step"] == 12
 
 
-def test_resume_with_another_world_size_is_a_config_error(tmp_path, fmnist):
+def test_resume_that_does_not_match_the_checkpoint_is_a_config_error(tmp_path, fmnist):
     out = tmp_path / "run"
     ok(metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=1"))
-    before = (out / "metrics.jsonl").read_text()
+    before = {name: (out / name).read_text() for name in ("metrics.jsonl", "config.yaml")}
     proc = torchrun(2, "-m", "metabolic", "train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=2",
                     "resume=true")
     assert proc.returncode != 0
     assert "metabolic: error: resume: checkpoint" in proc.stderr and "written by 1 ranks, this run has 2" in proc.stderr
-    assert (out / "metrics.jsonl").read_text() == before  # nothing written is lost
+    for change, key in (("data.limit=256", "data.limit"), ("energy.alpha=0.5", "energy.alpha")):
+        proc = metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=1", change, "resume=true")
+        lines = [l for l in proc.stderr.splitlines() if l.startswith("metabolic: error:")]
+        assert proc.returncode == 2 and len(lines) == 1 and f"'{key}'" in lines[0], proc.stderr[-2000:]
+    assert {name: (out / name).read_text() for name in before} == before  # nothing written is lost
 
 
 def test_a_finished_run_restores_the_signal_handlers(tmp_path, fmnist):
@@ -284,3 +289,32 @@ print("restored" if after == before else f"changed: {{before}} -> {{after}}")
     proc = ok(subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True,
                              timeout=300))
     assert proc.stdout.strip().splitlines()[-1] == "restored", proc.stdout[-2000:]
+
+
+def test_sigterm_stops_with_a_checkpoint_that_resumes(tmp_path, fmnist):
+    # what a scheduler or `kill` sends before it ends a job
+    out = tmp_path / "run"
+    args = [str(CONFIG), *SMALL, "train.epochs=2"]
+    stop_at_step(args, out, 3, sig=signal.SIGTERM)
+    step = records(out)[-1]["step"]
+    assert 3 <= step < 24 and (out / "checkpoints" / f"step_{step:09d}").is_dir()
+    proc = ok(metabolic("train", *args, f"output_dir={out}", "resume=true"))
+    assert f"resumed from step {step}" in proc.stderr and summary(out)["step"] == 24
+
+
+def test_a_second_ctrl_c_quits_and_an_echo_of_the_first_does_not(monkeypatch):
+    # A launcher may deliver one Ctrl-C twice within moments: that is still the first. A Ctrl-C
+    # more than SECOND_CTRL_C_S later quits at once (KeyboardInterrupt, no checkpoint).
+    from metabolic.engine import trainer
+
+    t = trainer.Trainer.__new__(trainer.Trainer)  # the handler's own state only
+    t._first_sigint, t._stop_requested, t.is_main = None, False, False
+    now = [100.0]
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: now[0])
+    t._on_signal(signal.SIGINT, None)
+    assert t._stop_requested
+    now[0] += 0.5 * trainer.SECOND_CTRL_C_S
+    t._on_signal(signal.SIGINT, None)  # the echo: no exception
+    now[0] += trainer.SECOND_CTRL_C_S
+    with pytest.raises(KeyboardInterrupt):
+        t._on_signal(signal.SIGINT, None)

@@ -119,14 +119,15 @@ class Trainer:
                               "continue it or choose another output_dir")
 
     def _start(self) -> None:
-        """Write config.yaml, restore a checkpoint when resuming, install signal handlers."""
+        """Restore a checkpoint when resuming, write config.yaml, install signal handlers."""
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(to_yaml(self.cfg))
         if self.cfg.resume:
-            self._restore()
+            self._restore()  # first: a refused resume must leave the run's config.yaml as it was
         elif self.is_main:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        if self.is_main:
+            (self.out / "config.yaml").write_text(to_yaml(self.cfg))
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         self.ledger.start_clock()
