@@ -25,7 +25,6 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def zero_results(tmp_path_factory):
-    pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("zero") / "results.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # DeepSpeed JIT-compiles its shm comm op once (~20 s); cache it across runs

@@ -22,15 +22,24 @@ METRICS = {"step", "epoch", "train/loss", "energy/metabolic", "energy/metabolic_
 
 def test_single_process_run_writes_contract(tmp_path, fmnist):
     out = tmp_path / "run"
-    ok(metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=2"))
+    ok(metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=2", "train.eval_every=5"))
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.png"):
         assert (out / name).is_file(), name
-    assert list((out / "tensorboard").glob("events.*")), "no TensorBoard event file"
     recs = records(out)
     assert all(METRICS <= r.keys() for r in recs)
+    # TensorBoard holds the same scalars as metrics.jsonl, at the same steps.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(out / "tensorboard"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("energy/metabolic")] == [r["step"] for r in recs]
+    assert [e.value for e in tb.Scalars("eval/accuracy")] == pytest.approx([r["eval/accuracy"] for r in recs
+                                                                            if "eval/accuracy" in r])
+    # eval_every=5 evaluates at steps 5, 10, 15, 20 and at each epoch's end (12, 24)
     evals = [r for r in recs if "eval/accuracy" in r]
-    assert len(evals) == 2 and all(0 <= r["eval/accuracy"] <= 1 for r in evals)
+    assert [r["step"] for r in evals] == [5, 10, 12, 15, 20, 24] and all(0 <= r["eval/accuracy"] <= 1 for r in evals)
     s = summary(out)
+    assert s["energy/metabolic_ratio"] == pytest.approx(s["energy/metabolic"] / s["energy/metabolic_min"])
     steps_per_epoch = 384 // 32
     assert s["step"] == 2 * steps_per_epoch and s["dist/world_size"] == 1
     assert s["data/samples_backward"] == 2 * 384 and s["data/effective_epochs"] == pytest.approx(2.0)
