@@ -161,6 +161,13 @@ def test_tiny_lm_two_ranks_zero(tmp_path, corpus, name, stage):
     assert s["dist/world_size"] == 2 and s["data/samples_backward"] == 4 * 8 * 2
     assert s["energy/metabolic"] >= s["energy/metabolic_min"] > 0
     assert (out / "hf_model" / "config.json").is_file()
+    # Zero or constant weights also give ln(vocab) at step 0: the saved matrices must still carry
+    # the init's spread (std 0.02; four small steps move them by far less).
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "hf_model" / "model.safetensors"))
+    stds = sorted(float(w.float().std()) for w in weights.values() if w.dim() == 2 and w.numel() >= 1024)
+    assert stds and 0.012 < stds[len(stds) // 2] < 0.03, stds
 
 
 def test_vit_config_trains(tmp_path, fmnist):
