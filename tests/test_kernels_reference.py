@@ -166,8 +166,11 @@ def test_price_zero_soft_and_hard_are_dense():
 @pytest.mark.parametrize("fraction", [0.05, 0.1, 0.5])
 def test_achieved_fraction_is_close_to_target(rule, fraction):
     p, g, state = make_case("adamw", residual=False, n=200_000)
-    _, changed = reference_step(p, g, state, spec_for("adamw", rule, fraction=fraction))
-    assert abs(changed / p.numel() - fraction) < 0.02
+    spec = spec_for("adamw", rule, fraction=fraction)
+    _, changed = reference_step(p, g, state, spec)
+    # the issue asks for 2 points; hold to 5% of the target (plus one block for the block rule)
+    slack = 0.05 * fraction + (spec.block_size / p.numel() if rule == "block" else 0.0)
+    assert abs(changed / p.numel() - fraction) < slack
 
 
 def test_topk_keeps_the_largest_candidates():
