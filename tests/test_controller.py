@@ -73,14 +73,16 @@ def test_an_epoch_without_steps_moves_the_price_by_the_steps_it_stands_for():
     assert capped == pytest.approx(idle * math.exp(-1.0))
 
 
-def test_controller_meets_budget_on_a_small_run(tmp_path, fmnist):
-    """Dense AdamW on this run spends about 610 (alpha=1); the controller is asked for a third of it."""
+@pytest.mark.parametrize("per, given", [("run", 200.0), ("epoch", 200.0 / 3)])
+def test_controller_meets_budget_on_a_small_run(tmp_path, fmnist, per, given):
+    """Dense AdamW on this run spends about 610 (alpha=1); the controller is asked for a third of it,
+    for the run or as a third of that per epoch (3 epochs)."""
     budget = 200.0
     out = tmp_path / "ctl"
     ok(metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=3", "train.micro_batch_size=16",
                  "optimizer.name=masked_adamw", "optimizer.select=soft", "data.policy=price",
-                 "energy.controller=true", f"energy.budget={budget}", "energy.price=0.001", "energy.price_step=1.0",
-                 "energy.data_scale=300"))
+                 "energy.controller=true", f"energy.budget={given}", f"energy.budget_per={per}", "energy.price=0.001",
+                 "energy.price_step=1.0", "energy.data_scale=300"))
     s = summary(out)
     assert abs(s["energy/metabolic"] - budget) <= 0.1 * budget, s["energy/metabolic"]
     prices = [r["energy/price"] for r in records(out)]

@@ -327,3 +327,17 @@ def test_a_second_ctrl_c_quits_and_an_echo_of_the_first_does_not(monkeypatch):
     now[0] += trainer.SECOND_CTRL_C_S
     with pytest.raises(KeyboardInterrupt):
         t._on_signal(signal.SIGINT, None)
+
+
+@pytest.mark.parametrize("extra", [["model.name=mlp", "model.width=32"], ["model.name=resnet18", "model.width=8"],
+                                   ["optimizer.name=masked_sgd", "optimizer.lr=0.05", "optimizer.select=topk",
+                                    "optimizer.fraction=0.1"]], ids=["mlp", "resnet18", "masked_sgd_topk"])
+def test_other_models_and_masked_sgd_train(tmp_path, fmnist, extra):
+    out = tmp_path / "run"
+    ok(metabolic("train", str(CONFIG), f"output_dir={out}", *SMALL, "train.epochs=1", *extra))
+    s = summary(out)
+    assert s["step"] == 12 and 0 <= s["eval/accuracy"] <= 1 and s["energy/metabolic"] >= s["energy/metabolic_min"] > 0
+    losses = [r["train/loss"] for r in records(out) if r.get("train/loss") is not None]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses  # it learns
+    if "optimizer.select=topk" in extra:  # a tenth of the weights change per step
+        assert 0.08 < s["energy/changed_weights"] / (s["step"] * s["energy/num_weights"]) < 0.12
