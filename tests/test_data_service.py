@@ -200,3 +200,15 @@ def test_resume_mid_epoch_with_refresh_equals_uninterrupted(tmp_path, fmnist):
     assert plan[0][2] < stopped < sum(p[2] for p in plan)
     ok(metabolic("train", str(CONFIG), f"output_dir={cut}", *args, "resume=true"))
     assert comparable(summary(cut)) == comparable(s_full)
+
+
+def test_a_repeated_index_keeps_its_last_row():
+    # wrap padding can put one sample twice into a step's rows: the later row wins, on every rank
+    from metabolic.engine.score_table import ScoreTable
+
+    table = ScoreTable(6)
+    index = torch.tensor([2, 4, 2, 2, 5])
+    loss = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    table.update(index, loss=loss, prob=torch.exp(-loss), correct=loss < 3.5, epoch=torch.zeros(5, dtype=torch.int32))
+    assert table.loss[[2, 4, 5]].tolist() == [4.0, 2.0, 5.0] and not bool(table.correct[2])
+    assert table.scored().tolist() == [False, False, True, False, True, True]

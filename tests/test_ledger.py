@@ -117,3 +117,22 @@ def test_joules_continue_across_a_resume():
     after.load_state_dict(state)
     fresh.now = 50.0
     assert after.reduce()["energy/joules"] == 250.0
+
+
+def test_rapl_reader_sums_packages_once_and_survives_a_counter_wrap(tmp_path):
+    from metabolic.engine.joules import JouleMeter
+
+    def zone(name, energy_uj, wrap_uj=1_000_000):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "energy_uj").write_text(f"{energy_uj}\n")
+        (tmp_path / name / "max_energy_range_uj").write_text(f"{wrap_uj}\n")
+
+    zone("intel-rapl:0", 900_000)
+    zone("intel-rapl:1", 100_000)
+    zone("intel-rapl:0:0", 5)  # a sub-zone of package 0: already inside its count
+    read = JouleMeter._rapl(str(tmp_path))
+    (tmp_path / "intel-rapl:0" / "energy_uj").write_text("200000\n")  # wrapped: 900000 -> 1e6 -> 200000
+    (tmp_path / "intel-rapl:1" / "energy_uj").write_text("600000\n")
+    (tmp_path / "intel-rapl:0:0" / "energy_uj").write_text("999999\n")
+    assert read() == pytest.approx(0.3 + 0.5)  # joules: (100000 + 200000) uJ and 500000 uJ
+    assert JouleMeter._rapl(str(tmp_path / "none")) is None

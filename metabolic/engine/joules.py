@@ -36,9 +36,9 @@ class JouleMeter:
             return None
 
     @staticmethod
-    def _rapl():
+    def _rapl(root: str = "/sys/class/powercap"):
         # Top-level packages only (intel-rapl:N), not their sub-zones, so nothing is counted twice.
-        zones = [Path(p) for p in glob.glob("/sys/class/powercap/intel-rapl:[0-9]")]
+        zones = [Path(p) for p in glob.glob(f"{root}/intel-rapl:[0-9]")]
         readable = []
         for z in zones:
             try:
