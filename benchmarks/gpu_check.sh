@@ -42,10 +42,11 @@ for opt in adamw masked_adamw; do
 done
 fi
 
-# The science benchmark's language-model table (configs/lm_tiny.yaml, nine runs) and the
+# The science benchmark's language-model table (configs/lm_tiny.yaml, eleven runs) and the
 # weight-selection settings on lm_tiny; rows are written as each run ends.
 if want science; then
 echo "== science: lm_tiny" | tee -a "$OUT/summary.txt"
+rm -rf /tmp/science  # a machine still warm from an earlier call holds that call's runs
 timeout "${SCIENCE_TIMEOUT:-330}" "$PY" benchmarks/science.py --tasks lm_tiny --out /tmp/science \
     "${corpus[@]}" > "$OUT/science_lm.txt" 2> "$OUT/science_lm.err" || status=1
 cp /tmp/science/rows.jsonl "$OUT/science_lm_rows.jsonl" 2>/dev/null
@@ -53,8 +54,10 @@ cp /tmp/science/lm_tiny_compare.png "$OUT/" 2>/dev/null
 cat "$OUT/science_lm.txt" | tee -a "$OUT/summary.txt"
 if [ -n "${SWEEP_LM:-}" ]; then
   echo "== weight settings on lm_tiny: $SWEEP_LM" | tee -a "$OUT/summary.txt"
+  rm -rf /tmp/sweep_lm
   timeout "${SWEEP_TIMEOUT:-150}" "$PY" benchmarks/weight_sweep.py --config configs/lm_tiny.yaml --only "$SWEEP_LM" \
-      "${corpus[@]}" > "$OUT/sweep_lm.txt" 2> "$OUT/sweep_lm.err" || status=1
+      --out /tmp/sweep_lm "${corpus[@]}" > "$OUT/sweep_lm.txt" 2> "$OUT/sweep_lm.err" || status=1
+  cp /tmp/sweep_lm/rows.jsonl "$OUT/sweep_lm_rows.jsonl" 2>/dev/null
   cat "$OUT/sweep_lm.txt" | tee -a "$OUT/summary.txt"
   grep "\[sweep\]" "$OUT/sweep_lm.err" >> "$OUT/summary.txt"
 fi

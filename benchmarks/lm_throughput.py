@@ -73,9 +73,7 @@ def metabolic_trainer(cfg, info, steps: int, warmup: int) -> float:
         cfg.output_dir = str(out)
         cfg.train.max_steps = warmup + steps
         # Records at `warmup` and `warmup + steps` bound the timed window; logging in between runs at
-        # the experiment's own interval (main() makes both multiples of it), as in real training.
-        if warmup % cfg.train.log_every or steps % cfg.train.log_every:
-            raise SystemExit(f"--warmup and --steps must be multiples of train.log_every={cfg.train.log_every}")
+        # the experiment's own interval (main() checks both are multiples of it), as in real training.
         cfg.train.progress = False
         Trainer(cfg, info).run()
         _sync(info)
@@ -102,7 +100,8 @@ def main() -> None:
                         help="timed optimizer steps per run (default 2 x train.log_every; a multiple of it)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps before timing (default train.log_every; a multiple of it)")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each loop")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternating runs of each loop (odd, so the median is one run's figure)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args()
@@ -113,8 +112,15 @@ def main() -> None:
 
     info = init_distributed()
     base = load_config(args.config, list(args.overrides) + ["data.policy=full", "optimizer.name=adamw"])
-    args.warmup = args.warmup or base.train.log_every
-    args.steps = args.steps or 2 * base.train.log_every
+    every = base.train.log_every
+    args.warmup = every if args.warmup is None else args.warmup
+    args.steps = 2 * every if args.steps is None else args.steps
+    # checked before anything is measured: a bad flag must not cost a whole plain run first
+    if args.warmup < every or args.steps < every or args.warmup % every or args.steps % every:
+        raise SystemExit(f"--warmup and --steps must be positive multiples of train.log_every={every} "
+                         f"(the trainer's records bound the timed window), got {args.warmup} and {args.steps}")
+    if args.repeats < 1 or args.repeats % 2 == 0:
+        raise SystemExit(f"--repeats must be odd and >= 1, got {args.repeats}")
     with tempfile.TemporaryDirectory() as tok_dir:
         task = build.build_task(base, info.device, Path(tok_dir), info.rank == 0,
                                 lambda: torch.distributed.barrier(group=info.meta_group))

@@ -37,6 +37,11 @@ RULES = {
 }
 
 
+
+def _sig(ms: float) -> float:
+    """Four significant figures: a fixed number of decimals loses most of a tiny step's digits."""
+    return float(f"{ms:.4g}")
+
 def _once(fn, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -98,7 +103,7 @@ def run(n: int, device: str, warmup: int, repeats: int, names: list[str] | None 
         _prime(opt, p)
         base, ms = _paired(fused.step, opt.step, device, warmup, repeats)
         fused_all += base
-        rules[name] = {"ms": round(statistics.median(ms), 3),
+        rules[name] = {"ms": _sig(statistics.median(ms)),
                        "ratio": round(statistics.median(m / f for m, f in zip(ms, base)), 3),
                        "gbps": round(28 * n / statistics.median(ms) / 1e6, 1),
                        "fraction": round(opt.last_energy["fraction"], 4) if kw is not None else 1.0}
@@ -106,7 +111,7 @@ def run(n: int, device: str, warmup: int, repeats: int, names: list[str] | None 
         if device == "cuda":
             torch.cuda.empty_cache()
     return {"params": n, "device": device, "backend": backend, "threads": torch.get_num_threads(),
-            "fused_adamw_ms": round(statistics.median(fused_all), 3), "rules": rules}
+            "fused_adamw_ms": _sig(statistics.median(fused_all)), "rules": rules}
 
 
 def profile(n: int, device: str, rule: str, backend: str, steps: int = 20) -> str:

@@ -8,8 +8,8 @@ simply training less); and dense_energy_low / _high, dense on a schedule shorten
 of dense's energy/metabolic that each joint run spent (a cosine run's spend scales with its
 length), i.e. dense at about equal energy. Prints one table per task with each figure's ratio
 to dense and a table of every run's metric at the joint runs' energies (interpolated between
-its evaluations), writes a plot, and with --json prints the rows (method + the metric
-names listed in README.md's Training section).
+its evaluations), writes a plot, and with --json prints the rows: task, method, overrides, the
+metrics named in README.md's Training section, and ratio/<metric> to dense for each of them.
 
     python benchmarks/science.py --quick          # CI-sized: small subsets, ~minutes on 2 cores
     python benchmarks/science.py                  # full: default Fashion-MNIST experiment and lm_tiny
@@ -129,7 +129,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the rows already in OUT/rows.jsonl and run only the missing methods")
+                        help="keep the rows already in OUT/rows.jsonl and run only the missing methods (a method "
+                             "whose folder exists is continued from its checkpoint: delete the folder to rerun it)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. data.path=DIR")
     args = parser.parse_args()
 

@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--only", default=None,
                         help="comma list of extra settings to run after dense, e.g. 'topk 0.1+res,hard 1e-05+res0.9'")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", default=None,
+                        help="keep the runs here and append each finished row to OUT/rows.jsonl (default: a temporary folder)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -72,28 +74,39 @@ def main() -> None:
 
     info = init_distributed()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, extra) in enumerate(chosen(args)):
-            s = run_method(info, Path(args.config), list(args.overrides) + extra, Path(tmp) / f"run{i}")
-            rows.append({"setting": name, "eval/accuracy": s.get("eval/accuracy"), "eval/loss": s.get("eval/loss"),
-                         "energy/metabolic": s["energy/metabolic"], "energy/changed_weights": s["energy/changed_weights"],
-                         "energy/metabolic_min": s["energy/metabolic_min"]})
-            if info.rank == 0:
-                print(f"[sweep] {name}: {rows[-1]}", file=sys.stderr, flush=True)
+    tmp = tempfile.TemporaryDirectory()
+    root = Path(args.out) if args.out else Path(tmp.name)
+    for i, (name, extra) in enumerate(chosen(args)):
+        s = run_method(info, Path(args.config), list(args.overrides) + extra, root / f"run{i}")
+        rows.append({"setting": name, "eval/accuracy": s.get("eval/accuracy"), "eval/loss": s.get("eval/loss"),
+                     "energy/metabolic": s["energy/metabolic"], "energy/changed_weights": s["energy/changed_weights"],
+                     "energy/metabolic_min": s["energy/metabolic_min"]})
+        if info.rank == 0:
+            print(f"[sweep] {name}: {rows[-1]}", file=sys.stderr, flush=True)
+            if args.out:  # a sweep cut short keeps the rows it finished
+                with open(root / "rows.jsonl", "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+    tmp.cleanup()
     dense = rows[0]
+    # classifiers: accuracy and its difference in points; language models: validation loss and its
+    # relative difference (lower is better)
+    key = "eval/accuracy" if dense["eval/accuracy"] is not None else "eval/loss"
     for r in rows:
         r["energy_saving"] = dense["energy/metabolic"] / r["energy/metabolic"]
         r["changed_saving"] = dense["energy/changed_weights"] / max(r["energy/changed_weights"], 1)
-        if r["eval/accuracy"] is not None:
+        if key == "eval/accuracy":
             r["accuracy_delta_points"] = 100 * (r["eval/accuracy"] - dense["eval/accuracy"])
+        else:
+            r["loss_vs_dense_pct"] = 100 * (r["eval/loss"] / dense["eval/loss"] - 1)
     if info.rank == 0:
         if args.json:
             print(json.dumps(rows))
         else:
-            print(f"{'setting':<18}{'accuracy':>10}{'d points':>10}{'M':>12}{'M saving':>10}{'changed saving':>16}")
+            label, delta = ("accuracy", "d points") if key == "eval/accuracy" else ("val loss", "vs dense %")
+            print(f"{'setting':<18}{label:>10}{delta:>11}{'M':>12}{'M saving':>10}{'changed saving':>16}")
             for r in rows:
-                print(f"{r['setting']:<18}{r['eval/accuracy'] or float('nan'):>10.4f}"
-                      f"{r.get('accuracy_delta_points', float('nan')):>10.2f}{r['energy/metabolic']:>12.4g}"
+                d = r.get("accuracy_delta_points", r.get("loss_vs_dense_pct"))
+                print(f"{r['setting']:<18}{r[key]:>10.4f}{d:>11.2f}{r['energy/metabolic']:>12.4g}"
                       f"{r['energy_saving']:>9.1f}x{r['changed_saving']:>15.1f}x")
     shutdown_distributed()
 

@@ -1,4 +1,4 @@
-"""The optimizer-step benchmark keeps its JSON contract and its profile mode runs (CPU, tiny)."""
+"""The benchmarks keep their JSON contracts (CPU, tiny sizes); the optimizer-step profile mode runs."""
 
 import json
 import sys
@@ -25,3 +25,15 @@ def test_optimizer_step_profile_names_the_rule_and_refuses_unknown_rules():
     assert "20 masked topk steps" in proc.stdout and "MaskedAdamW.step" in proc.stdout
     bad = run([sys.executable, BENCH, "--profile", "ledger"], timeout=120)
     assert bad.returncode == 2 and "--profile" in bad.stderr
+
+
+def test_data_service_benchmark_json_contract(fmnist):
+    bench = str(REPO / "benchmarks" / "data_service.py")
+    proc = ok(run([sys.executable, bench, "--steps", "3", "--policies", "full,pdd_random", "--sizes", "20000",
+                   "--json"], timeout=400))
+    res = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert [(r["samples"], r["policy"]) for r in res["planning"]] == [(20000, "full"), (20000, "pdd_random")]
+    assert all(r["plan_s"] > 0 and r["table_MiB"] > 0 for r in res["planning"])
+    assert [r["policy"] for r in res["overhead"]] == ["full", "pdd_random"] and "overhead_error" not in res
+    for r in res["overhead"]:  # every policy times the steps asked for, however short its plan
+        assert r["timed_steps"] == 3 and r["step_ms"] > r["record_ms"] + r["sync_ms"] and r["overhead_pct"] > 0
