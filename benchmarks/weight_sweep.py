@@ -74,7 +74,7 @@ def main() -> None:
 
     info = init_distributed()
     rows = []
-    tmp = tempfile.TemporaryDirectory()
+    tmp = None if args.out else tempfile.TemporaryDirectory()
     root = Path(args.out) if args.out else Path(tmp.name)
     for i, (name, extra) in enumerate(chosen(args)):
         s = run_method(info, Path(args.config), list(args.overrides) + extra, root / f"run{i}")
@@ -86,7 +86,8 @@ def main() -> None:
             if args.out:  # a sweep cut short keeps the rows it finished
                 with open(root / "rows.jsonl", "a") as f:
                     f.write(json.dumps(rows[-1]) + "\n")
-    tmp.cleanup()
+    if tmp is not None:
+        tmp.cleanup()
     dense = rows[0]
     # classifiers: accuracy and its difference in points; language models: validation loss and its
     # relative difference (lower is better)

@@ -25,7 +25,7 @@ def load_image_splits(cfg) -> tuple[ImageArrays, ImageArrays]:
             raise DatasetMissingError(f"config key 'data.path': the {name} split of '{cfg.path or cfg.hf_name}' is empty")
         if int(split.labels.min()) < 0:
             raise ConfigError(f"config key '{key}': the {name} split has negative labels (unlabelled?); "
-                             "every sample needs a class index >= 0")
+                              "every sample needs a class index >= 0")
     # One class count for both splits: a class that only the test split holds must still fit the head.
     classes = max(train.num_classes, test.num_classes)
     train, test = replace(train, num_classes=classes), replace(test, num_classes=classes)

@@ -36,7 +36,8 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise ConfigError(f"config key 'data.path': {path} is not an IDX file (bad magic {raw[:4]!r})")
     ndim = raw[3]
     if len(raw) < 4 + 4 * ndim:
-        raise ConfigError(f"config key 'data.path': {path} is truncated: its header needs {4 + 4 * ndim} bytes, the file has {len(raw)}")
+        raise ConfigError(f"config key 'data.path': {path} is truncated: its header needs {4 + 4 * ndim} bytes, "
+                          f"the file has {len(raw)}")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     offset = 4 + 4 * ndim
     dtype = np.dtype(_DTYPES[raw[2]])
@@ -64,7 +65,8 @@ def load_idx_split(folder: str | Path, split: str) -> ImageArrays:
     images = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
     if images.shape[0] != labels.shape[0]:
-        raise ConfigError(f"config key 'data.path': {folder}: {images.shape[0]} images but {labels.shape[0]} labels in split {split}")
+        raise ConfigError(f"config key 'data.path': {folder}: {images.shape[0]} images but {labels.shape[0]} labels "
+                          f"in split {split}")
     x = torch.from_numpy(images.astype(np.uint8, copy=True)).unsqueeze(1)  # [N, 1, H, W]
     y = torch.from_numpy(labels.astype(np.int64, copy=True))
     return ImageArrays(x, y, num_classes=int(y.max()) + 1 if len(y) else 0, mean=0.2860, std=0.3530)

@@ -135,8 +135,9 @@ def split_train_val(packed: torch.Tensor, val_fraction: float) -> tuple[torch.Te
     """The last ceil(val_fraction * N) sequences are validation; the rest train."""
     n_val = max(1, math.ceil(val_fraction * packed.shape[0]))
     if packed.shape[0] - n_val < 1:
-        raise ConfigError(f"config key 'data.text.seq_len': corpus too small: {packed.shape[0]} sequences cannot give train and validation splits "
-                         "(lower data.text.seq_len, raise data.limit, or use a larger corpus in data.path)")
+        raise ConfigError(f"config key 'data.text.seq_len': corpus too small: {packed.shape[0]} sequences cannot "
+                          "give train and validation splits "
+                          "(lower data.text.seq_len, raise data.limit, or use a larger corpus in data.path)")
     return packed[:-n_val], packed[-n_val:]
 
 

@@ -54,7 +54,7 @@ def load_or_build_tokenizer(spec: str, vocab_size: int, texts_fn, run_dir: Path,
         tok = AutoTokenizer.from_pretrained(spec)
     except Exception as err:
         raise ConfigError(f"config key 'data.text.tokenizer': cannot load tokenizer '{spec}' "
-                                f"({type(err).__name__}: {err})") from err
+                          f"({type(err).__name__}: {err})") from err
     if tok.eos_token_id is None:
         raise ConfigError(f"config key 'data.text.tokenizer': tokenizer '{spec}' has no eos token to join documents")
     return tok

@@ -114,7 +114,8 @@ class ScoreTable:
     def load_state_dict(self, state: dict) -> None:
         for k in ("loss", "prob", "correct", "epoch", "level"):
             if state[k].shape != getattr(self, k).shape:
-                raise ConfigError(f"config key 'data.limit': checkpoint score table has {state[k].numel()} samples, run has {len(self)} "
-                                 "(resume with the same data.limit)")
+                raise ConfigError(f"config key 'data.limit': checkpoint score table has {state[k].numel()} samples, "
+                                  f"run has {len(self)} "
+                                  "(resume with the same data.limit)")
             getattr(self, k).copy_(state[k])
         self.level_now = float(state["level_now"])

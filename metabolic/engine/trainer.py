@@ -394,7 +394,7 @@ class Trainer:
         client = {"loop": asdict(self.state), "service": self.service.state_dict(),
                   "controller": self.controller.state_dict() if self.controller else None,
                   "history": self.history, "last": self._last,
-                  "world_size": self.info.world_size, "config": to_dict(self.cfg)}
+                  "config": to_dict(self.cfg)}
         own = {"ledger": self.ledger.state_dict(), "initial_weights": self.ledger.initial_weights(),
                "rng": torch.get_rng_state(),
                "cuda_rng": torch.cuda.get_rng_state(self.info.device) if self.info.device.type == "cuda" else None}

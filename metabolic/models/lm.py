@@ -54,14 +54,14 @@ def build_causal_lm(cfg, vocab_size: int, seq_len: int, eos_id: int) -> CausalLM
             hf = AutoModelForCausalLM.from_pretrained(cfg.pretrained, attn_implementation="sdpa")
         except Exception as err:
             raise ConfigError(f"config key 'model.pretrained': cannot load '{cfg.pretrained}' "
-                                    f"({type(err).__name__}: {err})") from err
+                              f"({type(err).__name__}: {err})") from err
         if hf.config.vocab_size < vocab_size:
             raise ConfigError(f"config key 'model.pretrained': model vocabulary {hf.config.vocab_size} is smaller "
-                             f"than the tokenizer's {vocab_size} (use the model's own tokenizer)")
+                              f"than the tokenizer's {vocab_size} (use the model's own tokenizer)")
         positions = getattr(hf.config, "max_position_embeddings", None) or getattr(hf.config, "n_positions", None)
         if positions is not None and positions < seq_len:
             raise ConfigError(f"config key 'data.text.seq_len': {seq_len} is longer than the {positions} positions "
-                             f"model.pretrained '{cfg.pretrained}' was trained for")
+                              f"model.pretrained '{cfg.pretrained}' was trained for")
     else:
         hf = AutoModelForCausalLM.from_config(lm_config(cfg, vocab_size, seq_len, eos_id))
     return CausalLM(hf)
