@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from helpers import REPO, ok, metabolic, records, summary, torchrun
+from helpers import REPO, comparable, ok, metabolic, records, stop_at_step, summary, torchrun
 from metabolic.data.text import iter_documents, pack, shakespeare_files, split_train_val, unigram_entropy
 from metabolic.data.tokenizer import byte_tokenizer, train_bpe
 
@@ -147,6 +147,41 @@ def test_tiny_gpt2_trains_single_process_and_saves_hf(tmp_path, corpus):
     assert "metabolic: error: config key 'data.text.seq_len'" in too_long.stderr and "32 positions" in too_long.stderr
     wrong_tok = metabolic("train", *lm_args(tmp_path / "tok", corpus, pre[0]))  # lm_args' byte tokenizer
     assert wrong_tok.returncode == 2 and "data.text.tokenizer" in wrong_tok.stderr
+
+
+def test_resume_with_dropout_equals_uninterrupted(tmp_path, corpus):
+    """GPT-2's dropout draws from the device's RNG (the CUDA one on a GPU), which the checkpoint
+    carries, so a run stopped mid-way and resumed draws the same masks as one never stopped."""
+    from metabolic.engine.config import load_config
+    from metabolic.models.lm import lm_config
+
+    cfg = load_config(LM_CONFIG, lm_args(tmp_path / "run", corpus)[1:])
+    assert lm_config(cfg.model, 257, 32, 256).resid_pdrop > 0  # else this test proves nothing
+    # 10 epochs of 16 steps: long enough for the stop to land mid-run, short on CPU and GPU
+    args = lm_args(None, corpus, "train.max_steps=null", "train.epochs=10", "train.log_every=4")[2:]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    ok(metabolic("train", str(LM_CONFIG), f"output_dir={full}", *args))
+    stop_at_step([str(LM_CONFIG), *args], cut, step=8)
+    stopped = records(cut)[-1]["step"]
+    assert 8 <= stopped < 160, stopped
+    ok(metabolic("train", str(LM_CONFIG), f"output_dir={cut}", *args, "resume=true"))
+    loss = lambda run: {r["step"]: r["train/loss"] for r in records(run) if r.get("train/loss") is not None}
+    losses, expected = loss(cut), loss(full)
+    assert len(expected) >= 40 and losses.keys() == expected.keys()
+    if torch.cuda.is_available():  # cuDNN/cuBLAS reductions may differ in the last bits run to run
+        assert losses == pytest.approx(expected, rel=1e-5), [abs(losses[k] / v - 1) for k, v in expected.items()]
+        assert summary(cut)["eval/loss"] == pytest.approx(summary(full)["eval/loss"], rel=1e-5)
+    else:
+        assert losses == expected and comparable(summary(cut)) == comparable(summary(full))
+
+
+@pytest.mark.gpu
+def test_gpu_run_measures_joules_with_nvml_unless_turned_off(tmp_path, corpus):
+    on, off = tmp_path / "on", tmp_path / "off"
+    ok(metabolic("train", *lm_args(on, corpus)))
+    ok(metabolic("train", *lm_args(off, corpus, "energy.joules=false")))
+    assert summary(on)["compute/mfu"] is not None  # a known peak: the run trained on the GPU
+    assert summary(on)["energy/joules"] > 0 and summary(off)["energy/joules"] is None
 
 
 @pytest.mark.parametrize("name, stage", [("gpt2", 3), ("llama", 2), ("llama", 3)])
