@@ -128,9 +128,38 @@ def test_hub_name_with_a_local_folder_that_holds_no_split_says_how_to_reach_the_
         load_hf_split("train", path=str(tmp_path), hub_name="org/name")
 
 
+def test_rgba_drops_alpha_and_each_channel_is_normalised_with_the_whole_train_split(tmp_path):
+    from types import SimpleNamespace
+    from metabolic.data import load_image_splits
+
+    datasets, _ = _tiny_hf(tmp_path)
+    rng = np.random.default_rng(2)
+
+    def rgba():  # channels around three different levels; alpha is opaque and carries nothing
+        rgb = np.stack([rng.integers(low, low + 60, size=(5, 5)) for low in (0, 90, 180)], axis=-1)
+        return np.concatenate([rgb, np.full((5, 5, 1), 255)], axis=-1).astype(np.uint8)
+
+    splits = {name: datasets.Dataset.from_dict({"image": [rgba() for _ in range(n)], "label": [0, 1] * (n // 2)})
+              for name, n in (("train", 12), ("test", 4))}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))
+    cfg = SimpleNamespace(source="hf", path=str(tmp_path / "dd"), hf_name=None, image_key="image",
+                          label_key="label", limit=None, eval_limit=None)
+    train, test = load_image_splits(cfg)
+    assert train.images.shape == (12, 3, 5, 5) and test.images.shape == (4, 3, 5, 5)
+    pixels = np.stack([np.asarray(im) for im in splits["train"]["image"]])[..., :3] / 255.0
+    assert train.mean == test.mean == pytest.approx(pixels.mean(axis=(0, 1, 2)), abs=1e-4)
+    assert train.std == test.std == pytest.approx(pixels.std(axis=(0, 1, 2)), abs=1e-4)
+    x, _ = train.batch(torch.arange(12))
+    assert x.mean(dim=(0, 2, 3)) == pytest.approx([0.0] * 3, abs=1e-3)
+    assert x.std(dim=(0, 2, 3), unbiased=False) == pytest.approx([1.0] * 3, abs=1e-3)
+    # data.limit trains on fewer samples but normalises them the same way
+    limited, _ = load_image_splits(SimpleNamespace(**{**vars(cfg), "limit": 4}))
+    assert len(limited) == 4 and (limited.mean, limited.std) == (train.mean, train.std)
+
+
 def test_batch_keeps_indices_and_augments_reproducibly():
     images = torch.arange(4 * 1 * 6 * 6, dtype=torch.float32).reshape(4, 1, 6, 6).to(torch.uint8)
-    arrays = ImageArrays(images, torch.tensor([0, 1, 2, 3]), num_classes=4, mean=0.0, std=1.0)
+    arrays = ImageArrays(images, torch.tensor([0, 1, 2, 3]), num_classes=4, mean=(0.0,), std=(1.0,))
     x, y = arrays.batch(torch.tensor([3, 1]))
     assert y.tolist() == [3, 1] and torch.equal(x[0], images[3].float() / 255)
     a = random_crop_flip(x, 2, torch.Generator().manual_seed(5))

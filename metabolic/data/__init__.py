@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from metabolic.data.arrays import ImageArrays
+from metabolic.data.arrays import ImageArrays, pixel_stats
 from metabolic.data.hf import load_hf_split
 from metabolic.data.idx import DatasetMissingError, load_idx_split, read_idx
 from metabolic.engine.config import ConfigError
@@ -27,8 +27,10 @@ def load_image_splits(cfg) -> tuple[ImageArrays, ImageArrays]:
             raise ConfigError(f"config key '{key}': the {name} split has negative labels (unlabelled?); "
                               "every sample needs a class index >= 0")
     # One class count for both splits: a class that only the test split holds must still fit the head.
+    # Both splits are normalised with the whole training split's pixel statistics, whatever data.limit.
     classes = max(train.num_classes, test.num_classes)
-    train, test = replace(train, num_classes=classes), replace(test, num_classes=classes)
+    mean, std = pixel_stats(train.images)
+    train, test = (replace(s, num_classes=classes, mean=mean, std=std) for s in (train, test))
     return train.head(cfg.limit), test.head(cfg.eval_limit)
 
 

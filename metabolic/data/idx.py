@@ -56,8 +56,8 @@ def _find(folder: Path, stem: str) -> Path:
 
 
 def load_idx_split(folder: str | Path, split: str) -> ImageArrays:
-    """Load the 'train' or 't10k'/'test' split from an IDX folder (normalised with Fashion-MNIST's
-    mean and std; classes: the largest label + 1, reconciled across splits by load_image_splits)."""
+    """Load the 'train' or 't10k'/'test' split from an IDX folder (classes: the largest label + 1;
+    load_image_splits reconciles them across splits and sets the normalisation)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetMissingError(f"data.path '{folder}' is not a folder. {MISSING_HELP}")
@@ -69,4 +69,4 @@ def load_idx_split(folder: str | Path, split: str) -> ImageArrays:
                           f"in split {split}")
     x = torch.from_numpy(images.astype(np.uint8, copy=True)).unsqueeze(1)  # [N, 1, H, W]
     y = torch.from_numpy(labels.astype(np.int64, copy=True))
-    return ImageArrays(x, y, num_classes=int(y.max()) + 1 if len(y) else 0, mean=0.2860, std=0.3530)
+    return ImageArrays(x, y, num_classes=int(y.max()) + 1 if len(y) else 0)
