@@ -112,6 +112,27 @@ def test_data_limit_does_not_move_the_validation_set(tmp_path, corpus):
     assert torch.equal(small.val, full.val) and torch.equal(small.train, full.train[:16])
 
 
+def test_streamed_corpus_trains_bpe_on_its_head_and_stops_at_the_limit(tmp_path, corpus, monkeypatch):
+    # A stream may be larger than memory: BPE sees its first documents only, and packing stops
+    # once data.limit training sequences (and their validation share) are filled.
+    import metabolic.data.tokenizer as tokenizer
+    from metabolic.engine import build
+    from metabolic.engine.config import load_config
+
+    seen = []
+    real_train_bpe = tokenizer.train_bpe
+    monkeypatch.setattr(tokenizer, "train_bpe", lambda texts, size: seen.append(texts) or real_train_bpe(texts, size))
+    monkeypatch.setattr(build, "BPE_STREAM_CHARS", 2000)
+    cfg = load_config(LM_CONFIG, lm_args(tmp_path / "run", corpus, "data.text.corpus=hf", "data.text.streaming=true",
+                                         "data.text.tokenizer=bpe", "data.text.vocab_size=300", "data.limit=20")[1:])
+    task = build.build_lm_task(cfg, torch.device("cpu"), tmp_path / "run", True, lambda: None)
+    lines = list(iter_documents("hf", str(corpus), streaming=True))
+    texts = seen[0]
+    assert texts == lines[: len(texts)] and len(texts) < len(lines)
+    assert sum(map(len, texts)) >= 2000 > sum(map(len, texts[:-1]))
+    assert task.num_train == 20 and 1 <= len(task.val) <= 2  # the whole corpus would fill eval_limit=16
+
+
 def test_tiny_gpt2_trains_single_process_and_saves_hf(tmp_path, corpus):
     out = tmp_path / "gpt2"
     ok(metabolic("train", *lm_args(out, corpus)))
