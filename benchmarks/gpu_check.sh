@@ -75,7 +75,7 @@ tail -3 "$OUT/pytest_gpu.txt" >> "$OUT/summary.txt"
 # The trainer on CUDA: NVML joules (and energy.joules=false), and a resume that restores the CUDA
 # RNG behind GPT-2's dropout. The LM file's two-rank tests need two GPUs and are left out.
 echo "== pytest trainer on CUDA" | tee -a "$OUT/summary.txt"
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_lm.py -k "nvml or dropout or single_process" 2>&1 \
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_lm.py -k "nvml or dropout or single_process or without_a_gpu" 2>&1 \
     | tee "$OUT/pytest_trainer_cuda.txt" || status=1
 tail -3 "$OUT/pytest_trainer_cuda.txt" >> "$OUT/summary.txt"
 

@@ -1,11 +1,13 @@
 """Language models: text sources, tokenizer, packing, HF-format save, tiny GPT-2/Llama training."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from helpers import REPO, comparable, ok, metabolic, records, stop_at_step, summary, torchrun
+from helpers import REPO, comparable, env, ok, metabolic, records, stop_at_step, summary, torchrun
 from metabolic.data.text import iter_documents, pack, shakespeare_files, split_train_val, unigram_entropy
 from metabolic.data.tokenizer import byte_tokenizer, train_bpe
 
@@ -203,6 +205,17 @@ def test_gpu_run_measures_joules_with_nvml_unless_turned_off(tmp_path, corpus):
     ok(metabolic("train", *lm_args(off, corpus, "energy.joules=false")))
     assert summary(on)["compute/mfu"] is not None  # a known peak: the run trained on the GPU
     assert summary(on)["energy/joules"] > 0 and summary(off)["energy/joules"] is None
+
+
+@pytest.mark.gpu
+def test_a_process_without_a_gpu_of_its_own_is_a_clear_error(tmp_path, corpus):
+    # what torchrun --nproc_per_node 2 does to the second process on a one-GPU node
+    gpus = torch.cuda.device_count()
+    proc = subprocess.run([sys.executable, "-m", "metabolic", "train", *lm_args(tmp_path / "run", corpus)], cwd=REPO,
+                          env={**env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": str(gpus)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"local rank {gpus} has no GPU: this node shows {gpus} CUDA device(s)" in proc.stderr
 
 
 @pytest.mark.parametrize("name, stage", [("gpt2", 3), ("llama", 2), ("llama", 3)])

@@ -10,6 +10,10 @@ import torch
 import torch.distributed as dist
 
 
+class DeviceError(RuntimeError):
+    """This process has no GPU of its own: more processes on the node than visible GPUs."""
+
+
 @dataclass
 class DistInfo:
     """Where this process sits in the job."""
@@ -49,6 +53,11 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():  # else set_device fails with "invalid device ordinal"
+            raise DeviceError(f"local rank {local_rank} has no GPU: this node shows {torch.cuda.device_count()} "
+                              "CUDA device(s); start at most that many processes per node (metabolic launch "
+                              "--procs-per-node, torchrun --nproc_per_node) or make more visible in "
+                              "CUDA_VISIBLE_DEVICES")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         backend = "nccl"

@@ -50,13 +50,14 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         return _error(str(err))
     from metabolic.data.idx import DatasetMissingError
+    from metabolic.engine.distributed import DeviceError
     from metabolic.engine.trainer import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, Diverged, Preempted, train
 
     try:
         summary = train(cfg)
     except ConfigError as err:
         return _error(str(err))
-    except DatasetMissingError as err:
+    except (DatasetMissingError, DeviceError) as err:
         return _error(str(err))
     except Preempted as err:
         _say(f"{err}; run again with resume=true")
