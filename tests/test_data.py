@@ -110,6 +110,10 @@ def test_classes_come_from_both_splits_and_bad_labels_name_the_key(tmp_path):
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, -1], np.int32), code=0x0C)
     with pytest.raises(ValueError, match="'data.path': the test split has negative labels"):
         load_image_splits(cfg)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", test_labels)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"'data.path': test images are \(1, 4, 4\).*training images \(1, 3, 3\)"):
+        load_image_splits(cfg)
     (tmp_path / "short").write_bytes(bytes([0, 0, 8, 3, 0, 0]))  # header cut after 6 bytes
     with pytest.raises(ValueError, match="short is truncated: its header needs 16 bytes"):
         read_idx(tmp_path / "short")

@@ -26,6 +26,9 @@ def load_image_splits(cfg) -> tuple[ImageArrays, ImageArrays]:
         if int(split.labels.min()) < 0:
             raise ConfigError(f"config key '{key}': the {name} split has negative labels (unlabelled?); "
                               "every sample needs a class index >= 0")
+    if test.sample_shape != train.sample_shape:  # the model is built for the training images
+        raise ConfigError(f"config key 'data.path': test images are {test.sample_shape} (channels, height, width), "
+                          f"training images {train.sample_shape}; both splits need one shape")
     # One class count for both splits: a class that only the test split holds must still fit the head.
     # Both splits are normalised with the whole training split's pixel statistics, whatever data.limit.
     classes = max(train.num_classes, test.num_classes)
