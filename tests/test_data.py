@@ -119,6 +119,15 @@ def test_classes_come_from_both_splits_and_bad_labels_name_the_key(tmp_path):
         read_idx(tmp_path / "short")
 
 
+def test_hf_images_of_different_sizes_name_the_key(tmp_path):
+    datasets, _ = _tiny_hf(tmp_path)
+    mixed = datasets.Dataset.from_dict({"image": [np.zeros((6, 6), np.uint8), np.zeros((5, 7), np.uint8)],
+                                        "label": [0, 1]})
+    datasets.DatasetDict({"train": mixed}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match=r"'data.image_key': the train split's images differ in shape \(\(5, 7\), \(6, 6\)\)"):
+        load_hf_split("train", path=str(tmp_path / "dd"))
+
+
 def test_hf_dataset_dict_without_the_split_names_the_splits_it_has(tmp_path):
     datasets, splits = _tiny_hf(tmp_path)
     datasets.DatasetDict({"train": splits["train"]}).save_to_disk(str(tmp_path / "dd"))

@@ -65,7 +65,13 @@ def load_hf_split(split: str, path: Optional[str] = None, hub_name: Optional[str
         if key not in ds.column_names:
             raise ConfigError(f"config key '{name}': column '{key}' not in dataset columns {ds.column_names}")
     ds = ds.with_format("numpy")
-    images = np.stack([np.asarray(im, dtype=np.uint8) for im in ds[image_key]])
+    arrays = [np.asarray(im, dtype=np.uint8) for im in ds[image_key]]
+    shapes = sorted({a.shape for a in arrays})
+    if len(shapes) > 1:  # a batch is one tensor: the images must be resized (or converted) beforehand
+        raise ConfigError(f"config key 'data.image_key': the {split} split's images differ in shape "
+                          f"({', '.join(map(str, shapes[:3]))}{', ...' if len(shapes) > 3 else ''}); "
+                          "resize them to one size and one colour mode first")
+    images = np.stack(arrays) if arrays else np.zeros((0, 1, 1), np.uint8)
     if images.ndim == 3:  # grayscale [N, H, W]
         images = images[:, None]
     elif images.ndim == 4 and images.shape[-1] in (1, 3, 4):  # channels-last
