@@ -160,6 +160,12 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     proc = metabolic("train", str(CONFIG), f"output_dir={out}", f"data.path={tmp_path / 'nothing'}", *SMALL)
     assert proc.returncode == 2 and "dataset-fashion-mnist" in proc.stderr
     assert not out.exists()
+    # an output_dir that cannot be written is refused before the data is loaded
+    (tmp_path / "file").write_text("")
+    proc = metabolic("train", str(CONFIG), f"output_dir={tmp_path / 'file' / 'run'}", f"data.path={tmp_path / 'nothing'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"config key 'output_dir': cannot write '{tmp_path / 'file' / 'run'}': '{tmp_path / 'file'}' is not a folder" \
+        in proc.stderr
 
 
 def test_two_ranks_zero1_equals_zero2(tmp_path, fmnist):

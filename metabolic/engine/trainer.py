@@ -117,11 +117,22 @@ class Trainer:
         if holds_run and not self.cfg.resume:
             raise ConfigError(f"config key 'output_dir': '{self.out}' already holds a run; pass resume=true to "
                               "continue it or choose another output_dir")
+        # Now, not after minutes of loading data; without writing anything (a bad dataset path
+        # must leave no empty run folder behind).
+        parent = self.out
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            what = "is not a folder" if not parent.is_dir() else "is not writable"
+            raise ConfigError(f"config key 'output_dir': cannot write '{self.out}': '{parent}' {what}")
 
     def _start(self) -> None:
         """Restore a checkpoint when resuming, write config.yaml, install signal handlers."""
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"config key 'output_dir': cannot create '{self.out}' ({err.strerror})") from err
         if self.cfg.resume:
             self._restore()  # first: a refused resume must leave the run's config.yaml as it was
         elif self.is_main:
