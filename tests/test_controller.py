@@ -129,6 +129,18 @@ def test_relative_data_units_need_masked_adamw():
         load_config(CONFIG, ["energy.data_units=percent"])
 
 
+def test_a_budget_warns_about_the_optimizer_settings_it_cannot_steer():
+    from metabolic.engine.config import load_config
+    from metabolic.engine.controller import budget_caveats
+
+    paced = ["optimizer.name=masked_adamw", "optimizer.select=soft", "energy.controller=true", "energy.budget=100"]
+    assert budget_caveats(load_config(CONFIG, paced)) == []
+    caveats = budget_caveats(load_config(CONFIG, [*paced, "optimizer.residual=true", "optimizer.count_price=1e-6"]))
+    assert [c.split()[0] for c in caveats] == ["optimizer.residual=true", "optimizer.count_price"]
+    fixed = [p for p in paced if "budget" not in p]  # a fixed price is not steered: nothing to warn about
+    assert budget_caveats(load_config(CONFIG, [*fixed, "optimizer.residual=true"])) == []
+
+
 def test_an_epoch_that_keeps_no_sample_still_lowers_the_price(tmp_path, fmnist):
     """Far under budget, with a slow price step that keeps the data threshold (10 * lambda) above
     any gap (1 - p <= 1) and re-pricing before the epoch off: epochs 2-4 plan no sample and take

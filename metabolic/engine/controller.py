@@ -40,6 +40,7 @@ means are measured once per epoch, before the epoch is planned.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -180,11 +181,27 @@ def mean_abs_first_moment(optimizer, group=None) -> float:
     return float(vec[0] / vec[1]) if vec[1] > 0 else 0.0
 
 
-def build_controller(cfg, optimizer, policy) -> Optional[JointController]:
+def budget_caveats(cfg) -> list[str]:
+    """Optimizer settings that a budget cannot steer (measured in benchmarks/RESULTS.md)."""
+    o, out = cfg.optimizer, []
+    if not (cfg.energy.controller and cfg.energy.budget is not None and o.select in ("hard", "soft")):
+        return out
+    if o.residual:
+        out.append("optimizer.residual=true pays held-back updates later whatever the price, so the "
+                   "budget's dual ascent tends to drive lambda to its cap")
+    if o.count_price > 0:
+        out.append("optimizer.count_price is a fixed fee the budget does not move; once the rate has "
+                   "decayed it can block all spending and leave the budget unspent")
+    return out
+
+
+def build_controller(cfg, optimizer, policy, is_main: bool = True) -> Optional[JointController]:
     """The controller when energy.controller is on; it prices whichever sides are priced by config."""
     e = cfg.energy
     if not e.controller:
         return None
+    for caveat in budget_caveats(cfg) if is_main else []:
+        print(f"[metabolic] warning: energy.budget with {caveat} (docs/energy_price.md)", file=sys.stderr)
     weights = optimizer if cfg.optimizer.select in ("hard", "soft") else None
     data = policy if cfg.data.policy == "price" else None
     budget = None

@@ -102,7 +102,7 @@ class Trainer:
         self.service = DataService(self.task.num_train, build_policy(cfg.data), cfg.seed, cfg.train.micro_batch_size,
                                    cfg.train.grad_accum, self.info.rank, self.info.world_size, self.info.meta_group,
                                    relative_scores=cfg.data.relative_scores)
-        self.controller = build_controller(cfg, self.optimizer, self.service.policy)
+        self.controller = build_controller(cfg, self.optimizer, self.service.policy, self.is_main)
         self.state = LoopState()
         self.metrics = MetricsWriter(self.out, enabled=self.is_main)
         self.history: list[dict] = []  # per-epoch plan figures
