@@ -101,6 +101,6 @@ fi
 # BUNDLE=1: leave two files, summary.txt and a tarball of the rest (the device tool returns at most 8)
 if [ -n "${BUNDLE:-}" ]; then
   (cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.txt ! -name gpu_check_files.tgz -printf '%P\n' \
-    | tar -czf gpu_check_files.tgz -T - --remove-files)
+    | tar -czf gpu_check_files.tgz -T - --remove-files) || status=1
 fi
 exit $status

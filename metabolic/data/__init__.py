@@ -20,14 +20,16 @@ def load_image_splits(cfg) -> tuple[ImageArrays, ImageArrays]:
     else:
         raise ConfigError(f"config key 'data.source': unknown source {cfg.source!r}")
     key = "data.label_key" if cfg.source == "hf" else "data.path"
+    where = "data.path" if cfg.path else "data.hf_name"  # the key that names the dataset
     for name, split in (("train", train), ("test", test)):
         if len(split) == 0:
-            raise DatasetMissingError(f"config key 'data.path': the {name} split of '{cfg.path or cfg.hf_name}' is empty")
+            raise DatasetMissingError(f"config key '{where}': the {name} split of '{cfg.path or cfg.hf_name}' is empty")
         if int(split.labels.min()) < 0:
             raise ConfigError(f"config key '{key}': the {name} split has negative labels (unlabelled?); "
                               "every sample needs a class index >= 0")
     if test.sample_shape != train.sample_shape:  # the model is built for the training images
-        raise ConfigError(f"config key 'data.path': test images are {test.sample_shape} (channels, height, width), "
+        raise ConfigError(f"config key '{where}': test images are "
+                          f"{test.sample_shape} (channels, height, width), "
                           f"training images {train.sample_shape}; both splits need one shape")
     # One class count for both splits: a class that only the test split holds must still fit the head.
     # Both splits are normalised with the whole training split's pixel statistics, whatever data.limit.

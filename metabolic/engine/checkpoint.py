@@ -8,6 +8,7 @@ weights for M_min (its own partition) and the RNG - goes in a file each rank wri
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -22,6 +23,24 @@ CHECKPOINTS = "checkpoints"
 
 def checkpoint_root(output_dir: Path) -> Path:
     return output_dir / CHECKPOINTS
+
+
+def holds_run(output_dir: Path) -> bool:
+    """Whether output_dir already holds a run's records or checkpoints; a config error when it
+    cannot be written (checked without creating anything)."""
+    try:
+        if (output_dir / "metrics.jsonl").exists() or checkpoint_root(output_dir).exists():
+            return True
+        parent = output_dir
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        problem = ("is not a folder" if not parent.is_dir()
+                   else None if os.access(parent, os.W_OK | os.X_OK) else "is not writable")
+    except OSError as err:  # e.g. a parent folder this user may not enter
+        raise ConfigError(f"config key 'output_dir': cannot write '{output_dir}' ({err.strerror})") from err
+    if problem:
+        raise ConfigError(f"config key 'output_dir': cannot write '{output_dir}': '{parent}' {problem}")
+    return False
 
 
 def latest_tag(output_dir: Path) -> Optional[str]:

@@ -113,18 +113,11 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------------
     def _check_output_dir(self) -> None:
-        holds_run = (self.out / "metrics.jsonl").exists() or checkpoint.checkpoint_root(self.out).exists()
-        if holds_run and not self.cfg.resume:
-            raise ConfigError(f"config key 'output_dir': '{self.out}' already holds a run; pass resume=true to "
-                              "continue it or choose another output_dir")
         # Now, not after minutes of loading data; without writing anything (a bad dataset path
         # must leave no empty run folder behind).
-        parent = self.out
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            what = "is not a folder" if not parent.is_dir() else "is not writable"
-            raise ConfigError(f"config key 'output_dir': cannot write '{self.out}': '{parent}' {what}")
+        if checkpoint.holds_run(self.out) and not self.cfg.resume:
+            raise ConfigError(f"config key 'output_dir': '{self.out}' already holds a run; pass resume=true to "
+                              "continue it or choose another output_dir")
 
     def _start(self) -> None:
         """Restore a checkpoint when resuming, write config.yaml, install signal handlers."""
