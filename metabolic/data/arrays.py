@@ -28,6 +28,9 @@ class ImageArrays:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels must be [N] with N={self.images.shape[0]}, got {tuple(self.labels.shape)}")
+        # built once, not on every batch
+        self._shift = torch.tensor(self.mean).view(-1, 1, 1)
+        self._scale = torch.tensor(self.std).view(-1, 1, 1)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -48,7 +51,7 @@ class ImageArrays:
         x = self.images[indices].float().div_(255.0)
         if augment:
             x = random_crop_flip(x, pad=2, generator=generator)
-        x = (x - torch.tensor(self.mean).view(-1, 1, 1)) / torch.tensor(self.std).view(-1, 1, 1)
+        x = (x - self._shift) / self._scale
         return x, self.labels[indices]
 
 

@@ -18,16 +18,28 @@ from metabolic.engine.config import ConfigError
 _FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
 
 
-def _load_local(path: Path, split: str):
+def load_saved(path: Path, split: str):
+    """`split` of a datasets save_to_disk folder: a DatasetDict's split, or a lone Dataset as the
+    train split; None when `path` is no such folder."""
     import datasets
 
     if path.is_dir() and (path / "dataset_dict.json").is_file():
         splits = datasets.load_from_disk(str(path))
         if split not in splits:
-            raise DatasetMissingError(f"data.path '{path}' holds the splits {sorted(splits)}, no '{split}'")
+            raise DatasetMissingError(f"config key 'data.path': '{path}' holds the splits {sorted(splits)}, "
+                                      f"no '{split}'")
         return splits[split]
     if path.is_dir() and (path / "dataset_info.json").is_file() and split == "train":
         return datasets.load_from_disk(str(path))
+    return None
+
+
+def _load_local(path: Path, split: str):
+    import datasets
+
+    saved = load_saved(path, split)
+    if saved is not None:
+        return saved
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in _FILE_BUILDERS and split in p.stem)
         if not files:

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from metabolic.data.hf import load_saved
 from metabolic.data.idx import DatasetMissingError
 from metabolic.engine.config import ConfigError
 
@@ -72,15 +73,8 @@ def _hf_documents(path: Optional[str], hf_name: Optional[str], text_key: str, st
 
     if path and Path(path).exists():
         p = Path(path)
-        if p.is_dir() and (p / "dataset_dict.json").is_file():  # save_to_disk of load_dataset(name)
-            splits = datasets.load_from_disk(str(p))
-            if "train" not in splits:
-                raise DatasetMissingError(f"config key 'data.path': '{path}' holds the splits {sorted(splits)}, "
-                                          "no 'train'")
-            ds = splits["train"]
-        elif p.is_dir() and (p / "dataset_info.json").is_file():
-            ds = datasets.load_from_disk(str(p))
-        else:
+        ds = load_saved(p, "train")  # save_to_disk of load_dataset(name), or of one Dataset
+        if ds is None:
             builders = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
             files = sorted(str(f) for f in (p.rglob("*") if p.is_dir() else [p]) if f.suffix in builders)
             if not files:

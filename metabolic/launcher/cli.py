@@ -55,9 +55,7 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         summary = train(cfg)
-    except ConfigError as err:
-        return _error(str(err))
-    except (DatasetMissingError, DeviceError) as err:
+    except (ConfigError, DatasetMissingError, DeviceError) as err:
         return _error(str(err))
     except Preempted as err:
         _say(f"{err}; run again with resume=true")
