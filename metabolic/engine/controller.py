@@ -144,9 +144,9 @@ class JointController:
         if self.policy is None:
             return
         scored = table.scored()
-        if not bool(scored.any()):
+        if table.count(scored) == 0:
             return  # first epoch: every sample is unscored and kept anyway
-        mean_proxy = float(self.policy.proxy_values(table)[scored].double().mean())
+        mean_proxy = table.mean(self.policy.proxy_values(table), scored)
         self.calibrate_data(mean_proxy, mean_abs_first_moment(optimizer, group))
 
     def state_dict(self) -> dict:

@@ -1,10 +1,12 @@
 """Sample-selection policies behind one protocol, and the score table they read.
 
 A policy looks at the score table and returns the epoch's active global indices (int64, sorted
-ascending) and their per-sample loss weights. Every rank holds the same table and calls the
-policy with the same generator, so every rank derives the same decision. Everything is tensor
-ops over the whole table (no Python loop over samples): planning a 10 M-sample epoch takes well
-under a second.
+ascending) and their per-sample loss weights. Every rank calls the policy with the same
+generator. With the replicated table every rank holds every row and derives the same whole
+decision; with the owner-sharded table (sharded_table.py) each rank decides for the rows it owns,
+and counts, means and random draws go through the table's collective methods, so the ranks'
+parts make up one decision. Everything is tensor ops over the table (no Python loop over
+samples): planning a 10 M-sample epoch takes well under a second.
 
 Samples never scored (table epoch -1) are always kept: PDD's first epoch trains on everything,
 InfoBatch prunes only scored samples, and the price rule cannot judge an unseen sample.
@@ -49,23 +51,20 @@ class DataPolicy(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def _all(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.arange(n, dtype=torch.int64), torch.ones(n, dtype=torch.float32)
+def _all(table: ScoreTable) -> tuple[torch.Tensor, torch.Tensor]:
+    index = table.indices()
+    return index, torch.ones(index.numel(), dtype=torch.float32)
 
 
-def _mask(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    active = keep.nonzero().squeeze(1)
+def _mask(table: ScoreTable, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows a per-row mask keeps, as global indices, weight 1."""
+    active = table.global_index(keep.nonzero().squeeze(1))
     return active, torch.ones(active.numel(), dtype=torch.float32)
 
 
-def _random_subset(n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """k of n indices chosen uniformly at random, returned sorted."""
-    k = max(0, min(k, n))
-    if k == n:
-        return _all(n)
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[torch.randperm(n, generator=generator)[:k]] = True
-    return _mask(keep)
+def _subset(table: ScoreTable, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    active = table.random_subset(k, generator)
+    return active, torch.ones(active.numel(), dtype=torch.float32)
 
 
 class _Policy:
@@ -82,7 +81,7 @@ class _Policy:
     def select(self, table: ScoreTable, epoch: int, num_epochs: int,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if self.revising(epoch, num_epochs):
-            return _all(len(table))
+            return _all(table)
         return self._select(table, epoch, num_epochs, generator)
 
     def _select(self, table, epoch, num_epochs, generator):
@@ -102,7 +101,7 @@ class FullData(_Policy):
     """Every sample, weight 1: the standard recipe."""
 
     def _select(self, table, epoch, num_epochs, generator):
-        return _all(len(table))
+        return _all(table)
 
 
 def difficulty_keep(table: ScoreTable, tau: float) -> torch.Tensor:
@@ -125,7 +124,7 @@ class DifficultyDropout(_Policy):
         self.tau = tau
 
     def _select(self, table, epoch, num_epochs, generator):
-        return _mask(difficulty_keep(table, self.tau))
+        return _mask(table, difficulty_keep(table, self.tau))
 
     def screen_rule(self, epoch, num_epochs):
         if self.revising(epoch, num_epochs):
@@ -142,9 +141,8 @@ class RandomDropout(_Policy):
         self.gamma = gamma
 
     def _select(self, table, epoch, num_epochs, generator):
-        n = len(table)
-        k = math.ceil((self.gamma ** epoch) * n - 1e-9)  # 0.0 ** 0 == 1: epoch 0 is full
-        return _random_subset(n, k, generator)
+        k = math.ceil((self.gamma ** epoch) * len(table) - 1e-9)  # 0.0 ** 0 == 1: epoch 0 is full
+        return _subset(table, k, generator)
 
 
 class MatchedRandomDropout(_Policy):
@@ -157,8 +155,7 @@ class MatchedRandomDropout(_Policy):
         self.tau = tau
 
     def _select(self, table, epoch, num_epochs, generator):
-        k = int(difficulty_keep(table, self.tau).sum())
-        return _random_subset(len(table), k, generator)
+        return _subset(table, table.count(difficulty_keep(table, self.tau)), generator)
 
 
 class InfoBatch(_Policy):
@@ -170,19 +167,17 @@ class InfoBatch(_Policy):
         self.prune_ratio, self.anneal = prune_ratio, anneal
 
     def _select(self, table, epoch, num_epochs, generator):
-        n = len(table)
         if epoch >= self.anneal * num_epochs or self.prune_ratio == 0:
-            return _all(n)
+            return _all(table)
         scored = table.scored()
-        if not bool(scored.any()):
-            return _all(n)
+        if table.count(scored) == 0:
+            return _all(table)
         loss = table.adjusted_loss()
-        mean = float(torch.where(scored, loss, 0.0).sum(dtype=torch.float64)) / float(scored.sum())
-        well_learned = scored & (loss < mean)
-        pruned = well_learned & (torch.rand(n, generator=generator) < self.prune_ratio)
-        active = (~pruned).nonzero().squeeze(1)
-        weights = torch.where(well_learned[active], 1.0 / (1.0 - self.prune_ratio), 1.0).float()
-        return active, weights
+        well_learned = scored & (loss < table.mean(loss, scored))
+        pruned = well_learned & (table.uniform(generator) < self.prune_ratio)
+        rows = (~pruned).nonzero().squeeze(1)
+        weights = torch.where(well_learned[rows], 1.0 / (1.0 - self.prune_ratio), 1.0).float()
+        return table.global_index(rows), weights
 
 
 class PriceThreshold(_Policy):
@@ -212,7 +207,7 @@ class PriceThreshold(_Policy):
             above = table.loss_above(self.price)
         else:  # 1 - p > price  <=>  p < 1 - price
             above = table.prob_below(1.0 - self.price)
-        return _mask(above | ~table.scored())
+        return _mask(table, above | ~table.scored())
 
     def state_dict(self) -> dict:
         return {"price": self.price}

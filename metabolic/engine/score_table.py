@@ -2,7 +2,8 @@
 
 Every rank holds the same replica (17 bytes per sample: loss f32, prob f32, level f32, correct
 bool, epoch i32); every update comes from an all-gather of the same rows in the same order, so
-every rank's table, and every decision derived from it, is identical.
+every rank's table, and every decision derived from it, is identical. ShardedScoreTable
+(sharded_table.py) keeps only the rows a rank owns behind the same methods.
 
 Stale scores drift: a loss recorded early in training is high because the model was worse then,
 not because the sample is hard. Each row therefore also stores the running loss level (an
@@ -29,16 +30,19 @@ LEVEL_MOMENTUM = 0.9
 class ScoreTable:
     """Per-sample scores keyed by stable global index (replicated on every rank)."""
 
-    def __init__(self, num_samples: int, relative: bool = True) -> None:
-        self.loss = torch.zeros(num_samples, dtype=torch.float32)
+    def __init__(self, num_samples: int, relative: bool = True, rows: int | None = None) -> None:
+        self.num_samples = num_samples
+        """Training samples in the whole dataset (every rank's rows together)."""
+        rows = num_samples if rows is None else rows
+        self.loss = torch.zeros(rows, dtype=torch.float32)
         """Last loss of the sample (per-sequence mean token loss for language models)."""
-        self.prob = torch.zeros(num_samples, dtype=torch.float32)
+        self.prob = torch.zeros(rows, dtype=torch.float32)
         """Last true-class probability p(y|x) (exp(-loss) for language models)."""
-        self.correct = torch.zeros(num_samples, dtype=torch.bool)
+        self.correct = torch.zeros(rows, dtype=torch.bool)
         """Whether the last prediction was correct."""
-        self.epoch = torch.full((num_samples,), -1, dtype=torch.int32)
+        self.epoch = torch.full((rows,), -1, dtype=torch.int32)
         """Epoch the sample was last scored (-1: never)."""
-        self.level = torch.ones(num_samples, dtype=torch.float32)
+        self.level = torch.ones(rows, dtype=torch.float32)
         """Running loss level at the time the score was recorded (1 for unscored rows, whose loss is 0)."""
         self.level_now = 0.0
         """Current running loss level (0 until the first training step is recorded)."""
@@ -46,7 +50,46 @@ class ScoreTable:
         """Rescale stored losses to the current level (drift correction) in the adjusted views."""
 
     def __len__(self) -> int:
-        return self.loss.numel()
+        return self.num_samples
+
+    # -- rows and the global index; reductions over every rank's rows --------------------------
+    # The replicated table holds every row at its own index; ShardedScoreTable (sharded_table.py)
+    # holds only the rows its rank owns and overrides these methods with collectives. Policies
+    # speak only through them, so one policy serves both layouts.
+    def global_index(self, rows: torch.Tensor) -> torch.Tensor:
+        """Global sample indices of the given row positions."""
+        return rows
+
+    def indices(self) -> torch.Tensor:
+        """Global sample index of every row held here, ascending."""
+        return torch.arange(self.loss.numel(), dtype=torch.int64)
+
+    def owned_rows(self, index: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(mask of the given global indices held here, or None for all; their row positions)."""
+        return None, index
+
+    def count(self, mask: torch.Tensor) -> int:
+        """Rows set in a per-row mask, over the whole dataset."""
+        return int(mask.sum())
+
+    def mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        """Mean of per-row values where mask is set, over the whole dataset (nan when none is)."""
+        total, n = float(torch.where(mask, values, 0.0).sum(dtype=torch.float64)), int(mask.sum())
+        return total / n if n else math.nan
+
+    def uniform(self, generator: torch.Generator) -> torch.Tensor:
+        """One uniform [0, 1) draw per row, identical on every rank."""
+        return torch.rand(self.loss.numel(), generator=generator)
+
+    def random_subset(self, k: int, generator: torch.Generator) -> torch.Tensor:
+        """k of the dataset's indices uniformly at random, sorted: the ones held here."""
+        n = self.loss.numel()
+        k = max(0, min(k, n))
+        if k == n:
+            return self.indices()
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.randperm(n, generator=generator)[:k]] = True
+        return keep.nonzero().squeeze(1)
 
     @property
     def nbytes(self) -> int:
@@ -67,6 +110,11 @@ class ScoreTable:
                epoch: torch.Tensor, level: float | torch.Tensor | None = None) -> None:
         """Write rows; a repeated index keeps its LAST row (deterministic on every rank)."""
         index = index.to(torch.int64)
+        mine, index = self.owned_rows(index)
+        if mine is not None:
+            loss, prob, correct, epoch = loss[mine], prob[mine], correct[mine], epoch[mine]
+            if isinstance(level, torch.Tensor):
+                level = level[mine]
         if index.numel() > 1:
             uniq, inverse = torch.unique(index, return_inverse=True)
             if uniq.numel() != index.numel():
@@ -97,7 +145,7 @@ class ScoreTable:
         if not self.relative or self.level_now <= 0.0:
             return self.prob < tau
         if tau <= 0.0:
-            return torch.zeros(len(self), dtype=torch.bool)
+            return torch.zeros(self.loss.numel(), dtype=torch.bool)
         return self.loss_above(-math.log(tau)) if tau < 1.0 else self.adjusted_loss() >= 0
 
     def adjusted_prob(self) -> torch.Tensor:
@@ -114,8 +162,8 @@ class ScoreTable:
     def load_state_dict(self, state: dict) -> None:
         for k in ("loss", "prob", "correct", "epoch", "level"):
             if state[k].shape != getattr(self, k).shape:
-                raise ConfigError(f"config key 'data.limit': checkpoint score table has {state[k].numel()} samples, "
-                                  f"run has {len(self)} "
+                raise ConfigError(f"config key 'data.limit': checkpoint score table has {state[k].numel()} rows, "
+                                  f"run has {getattr(self, k).numel()} "
                                   "(resume with the same data.limit)")
             getattr(self, k).copy_(state[k])
         self.level_now = float(state["level_now"])
