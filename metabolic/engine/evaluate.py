@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
 
 @torch.no_grad()
-def sync_buffers(module: torch.nn.Module, world_size: int, group=None) -> None:
+def sync_buffers(module: torch.nn.Module, world_size: int, group=None) -> Optional[list[torch.Tensor]]:
     """Average floating buffers (BatchNorm running stats) across ranks so every rank evaluates,
-    and checkpoints, the same model; integer buffers (batch counters) are equal already."""
+    and checkpoints, the same model; integer buffers (batch counters) are equal already.
+    Returns this rank's values from before (float32 copies), for `restore_buffers`; None on one rank."""
     if world_size == 1:
-        return
+        return None
+    before = []
     for buf in module.buffers():
         if buf.is_floating_point():
             tmp = buf.detach().float().cpu()
+            before.append(tmp.clone())
             dist.all_reduce(tmp, group=group)
             buf.copy_(tmp.div_(world_size).to(buf.device, buf.dtype))
+    return before
+
+
+@torch.no_grad()
+def restore_buffers(module: torch.nn.Module, before: Optional[list[torch.Tensor]]) -> None:
+    """Put back the floating buffers `sync_buffers` returned (a no-op for None)."""
+    if before is None:
+        return
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    for buf, old in zip(bufs, before, strict=True):
+        buf.copy_(old.to(buf.device, buf.dtype))
 
 
 @torch.no_grad()

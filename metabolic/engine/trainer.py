@@ -26,7 +26,7 @@ from metabolic.engine.controller import build_controller
 from metabolic.engine.config import ConfigError, ExperimentConfig, to_dict, to_yaml
 from metabolic.engine.data_service import DataService, EpochPlan, epoch_generator
 from metabolic.engine.distributed import DistInfo, init_distributed, shutdown_distributed
-from metabolic.engine.evaluate import evaluate, sync_buffers
+from metabolic.engine.evaluate import evaluate, restore_buffers, sync_buffers
 from metabolic.engine.joules import JouleMeter
 from metabolic.engine.ledger import EnergyLedger
 from metabolic.engine.metrics import MetricsWriter, Progress, truncate_after
@@ -146,6 +146,7 @@ class Trainer:
         self.ledger.load_state_dict(own["ledger"])  # this rank's partial sums and wall clock
         self.ledger.load_initial_weights(own["initial_weights"])
         self.service.load_state_dict(client["service"])
+        restore_buffers(self.engine.module, own.get("buffers"))
         if self.controller is not None and client.get("controller"):
             self.controller.load_state_dict(client["controller"])
         self.history = client["history"]
@@ -394,15 +395,19 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         self._check_finite()
-        sync_buffers(self.engine.module, self.info.world_size, self.info.meta_group)
+        # The checkpoint holds the averaged running stats; training goes on with this rank's own, as
+        # if no checkpoint were taken (they are in this rank's file for a resume).
+        before = sync_buffers(self.engine.module, self.info.world_size, self.info.meta_group)
         client = {"loop": asdict(self.state), "service": self.service.state_dict(),
                   "controller": self.controller.state_dict() if self.controller else None,
                   "history": self.history, "last": self._last,
                   "config": to_dict(self.cfg)}
         own = {"ledger": self.ledger.state_dict(), "initial_weights": self.ledger.initial_weights(),
+               "buffers": before,
                "rng": torch.get_rng_state(),
                "cuda_rng": torch.cuda.get_rng_state(self.info.device) if self.info.device.type == "cuda" else None}
         checkpoint.save(self.engine, self.out, self.state.step, client, own, self.info.rank)
+        restore_buffers(self.engine.module, before)
 
     def _check_finite(self) -> None:
         """Before a checkpoint: the loss since the last record and this rank's weights (its ZeRO
