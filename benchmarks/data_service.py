@@ -1,6 +1,6 @@
 """Data-service benchmark: its overhead per training step, and epoch planning for a large table.
 
-    python benchmarks/data_service.py [--steps 60] [--sizes 1000000,10000000] [--json]
+    python benchmarks/data_service.py [--steps 60] [--sizes 1000000,10000000] [--layout-sizes 10000000] [--json]
 
 1. Overhead at 2 ranks (real gloo processes started with torchrun): the default CNN experiment
    (configs/fmnist_cnn.yaml, full Fashion-MNIST table) trains `--steps` optimizer steps; per step
@@ -11,6 +11,9 @@
    reported in data/samples_forward and compute/flops.
 2. Planning time (median of 3 after an untimed one) for synthetic tables of `--sizes` samples (policy + sha1 of the active set +
    shuffle and this rank's shard at 2 ranks, micro-batch 128), with the table's memory.
+3. In the 2-rank worker, planning for synthetic tables of `--layout-sizes` samples with the
+   replicated table and with the owner-sharded one (each rank holds half the rows, and counts,
+   subsets and shards go through gloo collectives), with the ratio sharded / replicated.
 
 Timings are never asserted in tests; targets: overhead < 2% of step time, 10 M planning < 2 s.
 """
@@ -36,7 +39,8 @@ POLICY_ARGS = {
 }
 
 
-def _populated_service(n: int, policy_name: str, world: int, rank: int, micro: int):
+def _populated_service(n: int, policy_name: str, world: int, rank: int, micro: int, layout: str = "replicated",
+                       group=None):
     from omegaconf import OmegaConf
 
     from metabolic.engine.config import DataConfig
@@ -45,14 +49,16 @@ def _populated_service(n: int, policy_name: str, world: int, rank: int, micro: i
 
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
                                               {"policy": policy_name, **POLICY_ARGS[policy_name]}))
-    svc = DataService(n, build_policy(cfg), seed=0, micro_batch=micro, grad_accum=1, rank=rank, world_size=world)
-    g = torch.Generator().manual_seed(0)
+    svc = DataService(n, build_policy(cfg), seed=0, micro_batch=micro, grad_accum=1, rank=rank, world_size=world,
+                      group=group, score_table=layout)
+    g = torch.Generator().manual_seed(rank if layout == "sharded" else 0)  # replicas: the same rows
     t = svc.table
-    t.loss.copy_(torch.rand(n, generator=g) * 2)
+    rows = t.loss.numel()  # every row with the replicated table, this rank's own with the sharded one
+    t.loss.copy_(torch.rand(rows, generator=g) * 2)
     t.prob.copy_(torch.exp(-t.loss))
     t.correct.copy_(t.prob > 0.5)
     t.epoch.fill_(2)
-    t.level.copy_(1.0 + torch.rand(n, generator=g))
+    t.level.copy_(1.0 + torch.rand(rows, generator=g))
     t.level_now = 1.0
     return svc
 
@@ -88,7 +94,7 @@ def planning(sizes: list[int], policies: list[str], threads: int = 1, repeats: i
 
 
 # -- 2-rank overhead worker -----------------------------------------------------------------------
-def worker(out: Path, steps: int, policies: list[str]) -> None:
+def worker(out: Path, steps: int, policies: list[str], layout_sizes: list[int]) -> None:
     from metabolic.engine.config import load_config
     from metabolic.engine.data_service import DataService
     from metabolic.engine.distributed import init_distributed, shutdown_distributed
@@ -104,7 +110,8 @@ def worker(out: Path, steps: int, policies: list[str]) -> None:
         trainer = Trainer(cfg, info)
         svc: DataService = trainer.service
         # A realistic table (every sample scored) so the policy has work to do when planning.
-        populated = _populated_service(svc.table.loss.numel(), name, info.world_size, info.rank, cfg.train.micro_batch_size)
+        populated = _populated_service(svc.table.loss.numel(), name, info.world_size, info.rank,
+                                       cfg.train.micro_batch_size)
         svc.table = populated.table
         svc.policy = build_policy(cfg.data)
         plan, plan_s, _ = timed_plan(svc, 3, cfg.train.epochs, repeats=3)
@@ -140,17 +147,33 @@ def worker(out: Path, steps: int, policies: list[str]) -> None:
         trainer.metrics.close()
         if info.rank == 0:  # after every policy: a later failure keeps what was measured
             (out / "overhead.json").write_text(json.dumps(results))
+    layouts = []
+    for n in layout_sizes:  # the same synthetic tables planned with either layout, in this process
+        for name in policies:
+            row = {"samples": n, "policy": name}
+            for layout in ("replicated", "sharded"):
+                svc = _populated_service(n, name, info.world_size, info.rank, 128, layout, info.meta_group)
+                plan, wall, _ = timed_plan(svc, 3, 10, repeats=3)
+                row[layout] = {"plan_s": wall, "table_MiB": svc.table.nbytes / 2**20,
+                               "kept_fraction": plan.kept_fraction}
+                del svc, plan
+            row["ratio"] = row["sharded"]["plan_s"] / row["replicated"]["plan_s"]
+            layouts.append(row)
+            if info.rank == 0:
+                (out / "layouts.json").write_text(json.dumps(layouts))
     shutdown_distributed()
 
 
-def overhead(steps: int, policies: list[str], timeout: float) -> tuple[list[dict], str | None]:
-    """Rows of the 2-rank worker, and what went wrong if it did not finish (its rows so far stand)."""
+def overhead(steps: int, policies: list[str], layout_sizes: list[int],
+             timeout: float) -> tuple[list[dict], list[dict], str | None]:
+    """Rows of the 2-rank worker (overhead, then layouts), and what went wrong if it did not finish
+    (its rows so far stand)."""
     with tempfile.TemporaryDirectory(prefix="ds_bench_") as d:
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
         env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "metabolic" / "torch_extensions"))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(_free_port()), str(Path(__file__).resolve()), "--worker", d, "--steps", str(steps),
-               "--policies", ",".join(policies)]
+               "--policies", ",".join(policies), "--layout-sizes", ",".join(map(str, layout_sizes))]
         error = None
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
@@ -158,8 +181,9 @@ def overhead(steps: int, policies: list[str], timeout: float) -> tuple[list[dict
                 error = f"2-rank worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
         except subprocess.TimeoutExpired:
             error = f"2-rank worker did not finish in --timeout {timeout:g} s"
-        path = Path(d) / "overhead.json"
-        return (json.loads(path.read_text()) if path.is_file() else []), error
+        rows = [json.loads(p.read_text()) if p.is_file() else [] for p in (Path(d) / "overhead.json",
+                                                                           Path(d) / "layouts.json")]
+        return rows[0], rows[1], error
 
 
 def _free_port() -> int:
@@ -175,19 +199,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="timed optimizer steps per policy at 2 ranks")
     ap.add_argument("--sizes", default="1000000,10000000", help="table sizes for the planning benchmark")
     ap.add_argument("--policies", default=",".join(POLICY_ARGS))
-    ap.add_argument("--skip-overhead", action="store_true", help="planning benchmark only")
+    ap.add_argument("--layout-sizes", default="10000000",
+                    help="table sizes planned with the replicated and the sharded table at 2 ranks ('' for none)")
+    ap.add_argument("--skip-overhead", action="store_true", help="planning benchmark only (no 2-rank worker)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     policies = args.policies.split(",")
+    layout_sizes = [int(s) for s in args.layout_sizes.split(",") if s]
     if args.worker:
-        worker(Path(args.worker), args.steps, policies)
+        worker(Path(args.worker), args.steps, policies, layout_sizes)
         return
     result = {"torch": torch.__version__, "planning": planning(
         [int(s) for s in args.sizes.split(",") if s], policies)}
     if not args.skip_overhead:
-        result["overhead"], error = overhead(args.steps, policies, args.timeout)
+        result["overhead"], result["layouts"], error = overhead(args.steps, policies, layout_sizes, args.timeout)
         if error:
             result["overhead_error"] = error
     if args.json:
@@ -206,6 +233,15 @@ def main() -> None:
         for r in result["overhead"]:
             print(f"{r['policy']:>15} {r['step_ms']:>8.1f} {r['record_ms']:>9.3f} {r['sync_ms']:>8.3f} "
                   f"{r['plan_ms']:>8.1f} {r['steps_per_epoch']:>8} {r['overhead_pct']:>10.2f}")
+    if result.get("layouts"):
+        print("\nPlanning one epoch at 2 gloo ranks, replicated table against owner-sharded (rank 0's wall s,"
+              " table MiB per rank)")
+        print(f"{'samples':>11} {'policy':>15} {'repl. s':>8} {'shard. s':>8} {'ratio':>6} {'repl. MiB':>10} "
+              f"{'shard. MiB':>10} {'kept':>6}")
+        for r in result["layouts"]:
+            rep, sh = r["replicated"], r["sharded"]
+            print(f"{r['samples']:>11,} {r['policy']:>15} {rep['plan_s']:>8.3f} {sh['plan_s']:>8.3f} {r['ratio']:>6.2f} "
+                  f"{rep['table_MiB']:>10.1f} {sh['table_MiB']:>10.1f} {sh['kept_fraction']:>6.2f}")
     if result.get("overhead_error"):
         print(f"\noverhead benchmark incomplete: {result['overhead_error']}", file=sys.stderr)
         sys.exit(1)

@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pytest
+
 from helpers import REPO, ok, run
 
 BENCH = str(REPO / "benchmarks" / "optimizer_step.py")
@@ -30,10 +32,16 @@ def test_optimizer_step_profile_names_the_rule_and_refuses_unknown_rules():
 def test_data_service_benchmark_json_contract(fmnist):
     bench = str(REPO / "benchmarks" / "data_service.py")
     proc = ok(run([sys.executable, bench, "--steps", "3", "--policies", "full,pdd_random", "--sizes", "20000",
-                   "--json"], timeout=400))
+                   "--layout-sizes", "20000", "--json"], timeout=400))
     res = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert [(r["samples"], r["policy"]) for r in res["planning"]] == [(20000, "full"), (20000, "pdd_random")]
     assert all(r["plan_s"] > 0 and r["table_MiB"] > 0 for r in res["planning"])
     assert [r["policy"] for r in res["overhead"]] == ["full", "pdd_random"] and "overhead_error" not in res
     for r in res["overhead"]:  # every policy times the steps asked for, however short its plan
         assert r["timed_steps"] == 3 and r["step_ms"] > r["record_ms"] + r["sync_ms"] and r["overhead_pct"] > 0
+    assert [(r["samples"], r["policy"]) for r in res["layouts"]] == [(20000, "full"), (20000, "pdd_random")]
+    for r in res["layouts"]:  # each rank of the sharded table holds half the rows, and keeps as many
+        assert r["sharded"]["table_MiB"] == pytest.approx(r["replicated"]["table_MiB"] / 2)
+        assert r["sharded"]["kept_fraction"] == r["replicated"]["kept_fraction"] == (1.0 if r["policy"] == "full"
+                                                                                     else 0.125)
+        assert r["ratio"] == pytest.approx(r["sharded"]["plan_s"] / r["replicated"]["plan_s"])

@@ -102,6 +102,9 @@ class DataConfig:
     weights and train only on the samples the rule keeps now (as published PDD decides per batch)."""
     relative_scores: bool = True
     """Rescale stored losses by the running loss level at recording time (stale-score drift)."""
+    score_table: str = "auto"
+    """Per-sample score table: replicated (every rank holds every row), sharded (each rank the rows
+    it owns, index mod world), or auto (sharded once a replica would exceed 200 M rows)."""
     text: TextConfig = field(default_factory=lambda: TextConfig())
     """Text corpus, tokenizer and packing (language models)."""
 
@@ -232,6 +235,7 @@ OPTIMIZERS = ("adamw", "sgd", "masked_adamw", "masked_sgd")
 SELECT_RULES = ("dense", "topk", "hard", "soft", "random", "block")
 SCHEDULES = ("constant", "cosine")
 POLICIES = ("full", "pdd_difficulty", "lazy", "pdd_random", "pdd_matched", "infobatch", "price")
+SCORE_TABLES = ("auto", "replicated", "sharded")
 SCREENING_POLICIES = ("pdd_difficulty", "lazy", "price")
 PRICE_PROXIES = ("gap", "loss")
 
@@ -281,6 +285,7 @@ def validate(cfg: ExperimentConfig) -> None:
         _check(v is None or v >= 1, f"data.{key}", v, "null or >= 1")
     d = cfg.data
     _check(d.policy in POLICIES, "data.policy", d.policy, f"one of {POLICIES}")
+    _check(d.score_table in SCORE_TABLES, "data.score_table", d.score_table, f"one of {SCORE_TABLES}")
     _check(0 <= d.tau <= 1, "data.tau", d.tau, "in [0, 1]")
     _check(0 <= d.gamma <= 1, "data.gamma", d.gamma, "in [0, 1]")
     _check(0 <= d.prune_ratio < 1, "data.prune_ratio", d.prune_ratio, "in [0, 1)")

@@ -14,8 +14,10 @@ kept and saved in checkpoints, so a run resumed mid-epoch trains on exactly the 
 
 Memory per rank: the replicated score table takes 17 bytes per sample (BYTES_PER_SAMPLE); a
 plan holds 12 bytes per active sample (int64 index + float32 weight) plus this rank's shard;
-planning briefly needs about 20 more bytes per active sample. Tables larger than
-MAX_REPLICATED_SAMPLES are refused with a clear error (see docs/data_service.md for the
+planning briefly needs about 20 more bytes per active sample. The owner-sharded table
+(sharded_table.py; data.score_table) divides all of that by the world size: each rank plans the
+samples it owns, and `owner_split` / `owner_take` even out the ranks' shares with one all-gather.
+No rank holds more than MAX_REPLICATED_SAMPLES rows (see docs/data_service.md for the
 measurements behind the limit).
 """
 
@@ -28,11 +30,14 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from metabolic.engine.config import ConfigError
 from metabolic.engine.policies import DataPolicy
 from metabolic.engine.score_table import BYTES_PER_SAMPLE, ScoreTable
+from metabolic.engine.sharded_table import ShardedScoreTable
 
 MAX_REPLICATED_SAMPLES = 200_000_000
-"""Largest table replicated on every rank (3.2 GiB table, ~10-20 s to plan an epoch on one core)."""
+"""Most score-table rows on one rank (3.2 GiB, ~10-20 s to plan an epoch on one core); past it
+data.score_table=auto shards the table over the ranks."""
 
 
 @dataclass
@@ -108,19 +113,75 @@ Scorer = Callable[[torch.Tensor], "object"]
 """No-grad scoring of a batch of global indices -> an object with .loss, .prob, .correct tensors."""
 
 
+def owner_split(active: torch.Tensor, weights: torch.Tensor, counts: list[int], rank: int, micro: int,
+                accum: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """With the sharded table, the first half of equal shards: this rank's kept samples, shuffled,
+    split into what it trains on itself and what it offers to ranks that own fewer.
+
+    Every rank trains on `quota` samples (whole optimizer steps for the whole active set). A rank
+    that owns more offers its surplus; when the ranks together own fewer than world * quota, each
+    also offers its first min(count, padding) shuffled samples to pad with (wrapping, as `shard`
+    repeats samples rather than drop any). Returns (kept, kept weights, offer [k, 2] int64 rows of
+    index and weight bits).
+    """
+    world, total = len(counts), sum(counts)
+    quota = -(-total // (micro * accum * world)) * micro * accum
+    pad = world * quota - total
+    order = torch.randperm(active.numel(), generator=generator)
+    idx, w = active[order], weights[order]
+    offer = torch.cat([idx[quota:], idx[:min(idx.numel(), pad)]])
+    offer_w = torch.cat([w[quota:], w[:min(w.numel(), pad)]])
+    rows = torch.stack([offer, offer_w.float().view(torch.int32).to(torch.int64)], dim=1)
+    return idx[:quota], w[:quota], rows
+
+
+def owner_take(kept: torch.Tensor, kept_w: torch.Tensor, offers: list[torch.Tensor], counts: list[int], rank: int,
+               micro: int, accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second half: fill this rank's shortfall from every rank's offer, in rank order, and cut
+    its quota into [micro-batches, micro] (the offers and counts are the same on every rank)."""
+    world, total = len(counts), sum(counts)
+    if total == 0:
+        empty = torch.empty(0, micro, dtype=torch.int64)
+        return empty, empty.float()
+    quota = -(-total // (micro * accum * world)) * micro * accum
+    pad = world * quota - total
+    surplus = [o[:max(c - quota, 0)] for o, c in zip(offers, counts)]
+    heads = torch.cat([o[max(c - quota, 0):] for o, c in zip(offers, counts)])
+    pool = torch.cat(surplus + [heads.repeat(-(-pad // max(heads.shape[0], 1)), 1)[:pad]])
+    short = [quota - min(c, quota) for c in counts]
+    start = sum(short[:rank])
+    got = pool[start:start + short[rank]]
+    # Appended, not shuffled in: `kept` is already in random order and what arrives is other ranks'
+    # random surplus and padding (the replicated `shard` too puts its padding last).
+    idx = torch.cat([kept, got[:, 0]])
+    w = torch.cat([kept_w.float(), got[:, 1].to(torch.int32).view(torch.float32)])
+    return idx.view(-1, micro), w.view(-1, micro)
+
+
 class DataService:
     """Plans epochs with a policy and keeps the score table in sync across ranks."""
 
     def __init__(self, num_samples: int, policy: DataPolicy, seed: int, micro_batch: int, grad_accum: int,
                  rank: int = 0, world_size: int = 1, group=None, relative_scores: bool = True,
-                 sync_every: int = 16) -> None:
-        if num_samples > MAX_REPLICATED_SAMPLES:
+                 sync_every: int = 16, score_table: str = "auto") -> None:
+        self.sharded = score_table == "sharded" or (score_table == "auto" and world_size > 1
+                                                    and num_samples > MAX_REPLICATED_SAMPLES)
+        """Owner-sharded table (each rank holds 1/world of the rows) instead of a replica on every rank."""
+        rows = -(-num_samples // world_size) if self.sharded else num_samples
+        if rows > MAX_REPLICATED_SAMPLES:
+            if self.sharded:
+                layout, fix = f"{world_size} ranks of the sharded table hold up to {rows:,} rows each", "more ranks, "
+            else:
+                layout, fix = "the replicated table holds every row on every rank", (
+                    "config key 'data.score_table': sharded (or auto) to split the rows over the ranks, "
+                    if world_size > 1 else "more ranks with the sharded table, ")
             raise ValueError(
-                f"data service: {num_samples:,} training samples exceed the replicated score table's limit of "
-                f"{MAX_REPLICATED_SAMPLES:,} ({BYTES_PER_SAMPLE} bytes per sample on every rank, "
-                f"{num_samples * BYTES_PER_SAMPLE / 2**30:.1f} GiB here); the owner-sharded table is not "
-                "implemented yet: use data.limit, or data.policy=full with a streaming source")
-        self.table = ScoreTable(num_samples, relative=relative_scores)
+                f"data service: {num_samples:,} training samples exceed the score table's limit of "
+                f"{MAX_REPLICATED_SAMPLES:,} rows per rank ({layout}; {BYTES_PER_SAMPLE} bytes per row, "
+                f"{rows * BYTES_PER_SAMPLE / 2**30:.1f} GiB here): use {fix}data.limit, "
+                "or data.policy=full with a streaming source")
+        self.table = (ShardedScoreTable(num_samples, rank, world_size, group, relative=relative_scores)
+                      if self.sharded else ScoreTable(num_samples, relative=relative_scores))
         self.policy = policy
         self.seed, self.micro, self.accum = seed, micro_batch, grad_accum
         self.rank, self.world_size, self.group = rank, world_size, group
@@ -128,14 +189,15 @@ class DataService:
         """Optimizer steps of score rows gathered per all-gather (scores are read only when planning)."""
         self._pending: list[torch.Tensor] = []  # rows of the current step
         self._steps: list[torch.Tensor] = []  # closed steps not yet gathered
-        self._current: Optional[dict] = None  # the planned epoch: epoch, active, weights, hash
+        self._current: Optional[dict] = None  # the planned epoch: epoch, active, weights, hash (this rank's
+        # own part of them with the sharded table, with every rank's count)
 
     # -- planning ---------------------------------------------------------------------------------
     def stale(self, epoch: int) -> torch.Tensor:
-        """Global indices whose score predates the previous epoch (never scored included), sorted."""
+        """Global indices held here whose score predates the previous epoch (never scored included), sorted."""
         if epoch <= 0:
             return torch.empty(0, dtype=torch.int64)
-        return (self.table.epoch < epoch - 1).nonzero().squeeze(1)
+        return self.table.global_index((self.table.epoch < epoch - 1).nonzero().squeeze(1))
 
     def plan_epoch(self, epoch: int, num_epochs: int, scorer: Optional[Scorer] = None,
                    refresh_batch: int = 256) -> EpochPlan:
@@ -155,13 +217,43 @@ class DataService:
             if active.numel() > 1 and not bool((active[1:] > active[:-1]).all()):
                 order = torch.argsort(active)
                 active, weights = active[order], weights[order]
+            digest, counts = active_digest(active), [active.numel()]
+            if self.sharded:  # every rank's count and digest; the plan's digest is of them all, in rank order
+                parts = torch.cat(self._gather_rows(torch.tensor([[active.numel(), *bytes.fromhex(digest)]])))
+                counts = parts[:, 0].tolist()
+                digest = hashlib.sha1(bytes(parts[:, 1:].flatten().tolist())).hexdigest()
             self._current = {"epoch": epoch, "active": active, "weights": weights.float().contiguous(),
-                             "hash": active_digest(active)}
+                             "hash": digest, "counts": counts}
         cur = self._current
-        batches, w = shard(cur["active"], cur["weights"], self.micro, self.accum, self.world_size, self.rank,
-                           epoch_generator(self.seed, epoch))
-        n = cur["active"].numel()
+        batches, w = (self._owner_shard(cur) if self.sharded else
+                      shard(cur["active"], cur["weights"], self.micro, self.accum, self.world_size, self.rank,
+                            epoch_generator(self.seed, epoch)))
+        n = sum(cur["counts"])
         return EpochPlan(epoch, batches, w, n, n / max(len(self.table), 1), cur["hash"], refreshed)
+
+    def _owner_shard(self, cur: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Equal shards of the sharded table's plan: each rank trains on the samples it owns, and
+        ranks owning more than their share hand the surplus to those owning less (one all-gather)."""
+        counts, epoch = cur["counts"], cur["epoch"]
+        kept, kept_w, offer = owner_split(cur["active"], cur["weights"], counts, self.rank, self.micro, self.accum,
+                                          epoch_generator(self.seed, epoch, salt=-1 - self.rank))
+        offers = self._gather_rows(offer) if sum(counts) else [offer]
+        return owner_take(kept, kept_w, offers, counts, self.rank, self.micro, self.accum)
+
+    def _gather_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's int64 rows [k, c] (k may differ by rank), in rank order."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return [rows]
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([rows.shape[0]]), group=self.group)
+        longest = max(int(s) for s in sizes)
+        if longest == 0:
+            return [rows] * self.world_size
+        padded = torch.zeros(longest, rows.shape[1], dtype=rows.dtype)
+        padded[:rows.shape[0]] = rows
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded, group=self.group)
+        return [p[:int(s)] for p, s in zip(parts, sizes)]
 
     def replan(self, epoch: int, num_epochs: int) -> EpochPlan:
         """Ask the policy again for an epoch already planned (its price changed); scores are not
@@ -179,13 +271,19 @@ class DataService:
         forwards this rank ran; the caller adds them to data/samples_forward and compute/flops.
         """
         stale = self.stale(epoch)
-        n = stale.numel()
-        if n == 0:
+        if self.sharded:  # each rank scores its own stale rows, padded to the most any rank has
+            longest = torch.tensor([stale.numel()])
+            if self.world_size > 1:
+                dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self.group)
+            per_rank = int(longest)
+            idx = torch.cat([stale, torch.full((per_rank - stale.numel(),), -1, dtype=torch.int64)])
+        else:  # the stale list is the same everywhere: split it equally
+            per_rank = -(-stale.numel() // self.world_size)
+            mine = torch.arange(self.rank * per_rank, (self.rank + 1) * per_rank)
+            idx = torch.where(mine < stale.numel(), stale[mine.clamp(max=max(stale.numel() - 1, 0))],
+                              torch.full_like(mine, -1))
+        if per_rank == 0:
             return 0
-        per_rank = -(-n // self.world_size)
-        mine = torch.arange(self.rank * per_rank, (self.rank + 1) * per_rank)
-        valid = mine < n
-        idx = torch.where(valid, stale[mine.clamp(max=n - 1)], torch.full_like(mine, -1))
         ran = 0
         for start in range(0, per_rank, batch_size):
             chunk = idx[start:start + batch_size]
@@ -259,14 +357,34 @@ class DataService:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """What every rank holds alike (DeepSpeed's client state, written by rank 0); with the
+        sharded table the rows and this rank's part of the plan are in `rank_state_dict`."""
         if self._pending:
             raise RuntimeError("data service: checkpoint in the middle of a step (call sync() first)")
         self.flush()  # collective: checkpoints are taken on every rank at the same step
+        if self.sharded:
+            return {"policy": self.policy.state_dict(), "sharded": True}
         cur = None if self._current is None else dict(self._current)
         return {"table": self.table.state_dict(), "policy": self.policy.state_dict(), "plan": cur}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.table.load_state_dict(state["table"])
+    def rank_state_dict(self) -> Optional[dict]:
+        """What only this rank holds (its file in the checkpoint), after `state_dict`: None unless sharded."""
+        if not self.sharded:
+            return None
+        return {"table": self.table.state_dict(), "plan": None if self._current is None else dict(self._current),
+                "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict, rank_state: Optional[dict] = None) -> None:
+        if bool(state.get("sharded", False)) != self.sharded:
+            saved = "sharded" if state.get("sharded") else "replicated"
+            raise ConfigError(f"config key 'data.score_table': the checkpoint's score table is {saved}, this run's "
+                              f"is {'sharded' if self.sharded else 'replicated'} (resume with the same layout)")
+        own = rank_state if self.sharded else state
+        if own is None:
+            raise ConfigError("resume: the checkpoint lacks this rank's part of the sharded score table")
+        self.table.load_state_dict(own["table"])
         self.policy.load_state_dict(state["policy"])
-        self._current = state.get("plan")
+        self._current = own.get("plan")
+        if self._current is not None:
+            self._current.setdefault("counts", [self._current["active"].numel()])  # checkpoints before sharding
         self._pending, self._steps = [], []

@@ -101,7 +101,7 @@ class Trainer:
         self.ledger.attach(self.optimizer)
         self.service = DataService(self.task.num_train, build_policy(cfg.data), cfg.seed, cfg.train.micro_batch_size,
                                    cfg.train.grad_accum, self.info.rank, self.info.world_size, self.info.meta_group,
-                                   relative_scores=cfg.data.relative_scores)
+                                   relative_scores=cfg.data.relative_scores, score_table=cfg.data.score_table)
         self.controller = build_controller(cfg, self.optimizer, self.service.policy, self.is_main)
         self.state = LoopState()
         self.metrics = MetricsWriter(self.out, enabled=self.is_main)
@@ -145,7 +145,7 @@ class Trainer:
         self.state = LoopState(**client["loop"])
         self.ledger.load_state_dict(own["ledger"])  # this rank's partial sums and wall clock
         self.ledger.load_initial_weights(own["initial_weights"])
-        self.service.load_state_dict(client["service"])
+        self.service.load_state_dict(client["service"], own.get("service"))
         restore_buffers(self.engine.module, own.get("buffers"))
         if self.controller is not None and client.get("controller"):
             self.controller.load_state_dict(client["controller"])
@@ -403,7 +403,7 @@ class Trainer:
                   "history": self.history, "last": self._last,
                   "config": to_dict(self.cfg)}
         own = {"ledger": self.ledger.state_dict(), "initial_weights": self.ledger.initial_weights(),
-               "buffers": before,
+               "service": self.service.rank_state_dict(), "buffers": before,
                "rng": torch.get_rng_state(),
                "cuda_rng": torch.cuda.get_rng_state(self.info.device) if self.info.device.type == "cuda" else None}
         checkpoint.save(self.engine, self.out, self.state.step, client, own, self.info.rank)
