@@ -54,7 +54,9 @@ class EpochPlan:
     kept_fraction: float
     """num_active / dataset size."""
     active_hash: str
-    """sha1 of the sorted active index list: equal on every rank, compared by tests."""
+    """sha1 of the sorted active index list (sharded table: of every rank's count and sha1 of its
+    part, in rank order): equal on every rank, compared by tests; equal between layouts only with
+    the replicated table."""
     refreshed: int = 0
     """No-grad scoring forwards THIS rank ran to refresh stale scores before this plan (0 when the
     plan was restored from a checkpoint or already made)."""
@@ -221,7 +223,7 @@ class DataService:
             if self.sharded:  # every rank's count and digest; the plan's digest is of them all, in rank order
                 parts = torch.cat(self._gather_rows(torch.tensor([[active.numel(), *bytes.fromhex(digest)]])))
                 counts = parts[:, 0].tolist()
-                digest = hashlib.sha1(bytes(parts[:, 1:].flatten().tolist())).hexdigest()
+                digest = hashlib.sha1(parts.numpy().tobytes()).hexdigest()
             self._current = {"epoch": epoch, "active": active, "weights": weights.float().contiguous(),
                              "hash": digest, "counts": counts}
         cur = self._current

@@ -61,9 +61,6 @@ class ShardedScoreTable(ScoreTable):
     """Per-sample scores of the indices this rank owns (index mod world == rank)."""
 
     def __init__(self, num_samples: int, rank: int, world: int, group=None, relative: bool = True) -> None:
-        if num_samples >= 2**INDEX_BITS:
-            raise ValueError(f"data service: {num_samples:,} training samples; the sharded table takes "
-                             f"fewer than 2^{INDEX_BITS}")
         super().__init__(num_samples, relative, rows=len(range(rank, num_samples, world)))
         self.rank, self.world, self.group = rank, world, group
 
@@ -108,6 +105,9 @@ class ShardedScoreTable(ScoreTable):
         seed = self._seed(generator)
         if k == n:
             return self.indices()
+        if n >= 2**INDEX_BITS:
+            raise ValueError(f"config key 'data.policy': random subsets of the sharded score table take fewer than "
+                             f"2^{INDEX_BITS} samples, this run has {n:,} (a threshold policy has no such limit)")
         index = self.indices()
         # High bits random, low bits the index: unique keys, so exactly k lie below the k-th.
         keys = hashed_keys(seed, index)

@@ -5,8 +5,8 @@ Every policy plans four epochs three ways side by side: the replicated table on 
 sharded table on W ranks, and the sharded table on one rank (this process alone). A sample's
 score is a fixed function of (index, epoch), so two layouts that train on the same samples hold
 the same scores. Each rank writes OUT_DIR/rank{R}.json: per policy and epoch, the distinct
-samples its batches hold, their shapes and counts, the plan hashes, and its owned table rows
-next to the replicated table's; then a refresh, a checkpoint round trip and indices above 2^24.
+samples its batches hold with their weights, their shapes and counts, and its owned table rows
+next to the replicated table's; then a refresh, a preemption and resume, and indices above 2^24.
 """
 
 import json
@@ -37,17 +37,19 @@ def scores(idx: torch.Tensor, epoch: int) -> Scores:
     return Scores(loss=loss, prob=(-loss).exp(), correct=loss < 0.7)
 
 
-def train_epoch(svc: DataService, epoch: int) -> dict:
+def train_epoch(svc: DataService, epoch: int, start: int = 0, stop: int | None = None) -> dict:
+    """Plan the epoch and train on its micro-batches start..stop (a resume, a preemption)."""
     plan = svc.plan_epoch(epoch, EPOCHS)
-    for m in range(plan.num_micro_batches):
+    for m in range(start, plan.num_micro_batches if stop is None else stop):
         s = scores(plan.batches[m], epoch)
         svc.record(plan.batches[m], s.loss, s.prob, s.correct, epoch)
         if (m + 1) % ACCUM == 0:
             svc.sync()
     flat = plan.batches.flatten()
+    pairs = sorted(set(zip(flat.tolist(), plan.weights.flatten().tolist())))
     return {"samples": sorted(set(flat.tolist())), "entries": flat.numel(), "shape": list(plan.batches.shape),
-            "num_active": plan.num_active, "hash": plan.active_hash,
-            "weights": sorted(set(plan.weights.flatten().tolist()))}
+            "num_active": plan.num_active, "hash": plan.active_hash, "pairs": pairs,
+            "batches": plan.batches.tolist()}
 
 
 def rows(table, index: torch.Tensor) -> list:
@@ -76,14 +78,15 @@ def main() -> None:
         for svc in (replicated, sharded, alone):
             svc.flush()
         owned = sharded.table.indices()
-        result["policies"][name] = {"epochs": epochs, "owned": owned.tolist(), "rows": rows(sharded.table, slice(None)),
+        result["policies"][name] = {"epochs": epochs, "rows": rows(sharded.table, slice(None)),
                                     "replicated_rows": rows(replicated.table, owned)}
 
     # With relative scores, the running loss level comes from every rank's rows: the same everywhere.
     svc = service(InfoBatch(0.5, 0.875, 1), "sharded", relative=True)
-    hashes = [train_epoch(svc, epoch)["hash"] for epoch in range(EPOCHS)]
+    for epoch in range(EPOCHS):
+        train_epoch(svc, epoch)
     svc.flush()
-    result["relative"] = {"level_now": svc.table.level_now, "hashes": hashes}
+    result["relative"] = {"level_now": svc.table.level_now}
 
     # Refresh: each rank scores the stale rows it owns, padded to the most any rank owns.
     svc = service(DifficultyDropout(0.5), "sharded")
@@ -101,16 +104,24 @@ def main() -> None:
     result["refresh"] = {"forwards": plan.refreshed, "scored": torch.cat(seen).tolist(),
                          "stale_after": svc.stale(2).numel(), "hash": plan.active_hash}
 
-    # Checkpoint round trip mid-run: the restored service plans the same batches.
-    a = service(InfoBatch(0.5, 0.875, 1), "sharded", relative=True)
-    for epoch in range(2):
-        train_epoch(a, epoch)
-    shared, own = a.state_dict(), a.rank_state_dict()
-    b = service(InfoBatch(0.5, 0.875, 1), "sharded", relative=True)
-    b.load_state_dict(shared, own)
-    pa, pb = a.plan_epoch(2, EPOCHS), b.plan_epoch(2, EPOCHS)
-    result["restored_same_plan"] = bool(torch.equal(pa.batches, pb.batches) and torch.equal(pa.weights, pb.weights)
-                                        and pa.active_hash == pb.active_hash)
+    # Preempted in the middle of epoch 1 and resumed: the rest of the run takes the same decisions.
+    def infobatch():
+        return service(InfoBatch(0.5, 0.875, 1), "sharded", relative=True)
+
+    full, cut = infobatch(), infobatch()
+    plans = [train_epoch(full, epoch) for epoch in range(EPOCHS)]
+    train_epoch(cut, 0)
+    train_epoch(cut, 1, stop=6)  # the table moves during the epoch; the saved plan must not
+    shared, own = cut.state_dict(), cut.rank_state_dict()
+    resumed = infobatch()
+    resumed.load_state_dict(shared, own)
+    rest = [train_epoch(resumed, epoch, start=6 if epoch == 1 else 0) for epoch in range(1, EPOCHS)]
+    result["resumed_same_plans"] = [a["batches"] == b["batches"] and a["pairs"] == b["pairs"]
+                                    for a, b in zip(plans[1:], rest)]
+    resumed.flush()
+    full.flush()
+    result["resumed_same_table"] = bool(torch.equal(resumed.table.loss, full.table.loss)
+                                        and resumed.table.level_now == full.table.level_now)
     try:
         service(FullData(), "replicated").load_state_dict(shared, own)
         result["layout_error"] = None
