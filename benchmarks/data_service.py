@@ -240,8 +240,8 @@ def main() -> None:
               f"{'shard. MiB':>10} {'kept':>6}")
         for r in result["layouts"]:
             rep, sh = r["replicated"], r["sharded"]
-            print(f"{r['samples']:>11,} {r['policy']:>15} {rep['plan_s']:>8.3f} {sh['plan_s']:>8.3f} {r['ratio']:>6.2f} "
-                  f"{rep['table_MiB']:>10.1f} {sh['table_MiB']:>10.1f} {sh['kept_fraction']:>6.2f}")
+            print(f"{r['samples']:>11,} {r['policy']:>15} {rep['plan_s']:>8.3f} {sh['plan_s']:>8.3f} "
+                  f"{r['ratio']:>6.2f} {rep['table_MiB']:>10.1f} {sh['table_MiB']:>10.1f} {sh['kept_fraction']:>6.2f}")
     if result.get("overhead_error"):
         print(f"\noverhead benchmark incomplete: {result['overhead_error']}", file=sys.stderr)
         sys.exit(1)

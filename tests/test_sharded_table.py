@@ -103,7 +103,8 @@ def test_auto_layout_shards_only_past_the_replica_limit(monkeypatch):
     with pytest.raises(ValueError, match=r"1,999 training samples .* 'data\.score_table': sharded"):
         DataService(1999, FullData(), seed=0, micro_batch=4, grad_accum=1, rank=1, world_size=2,
                     score_table="replicated")
-    with pytest.raises(ValueError, match=r"3,001 training samples .*\(2 ranks of the sharded .* use more ranks, data\.limit"):
+    too_many = r"3,001 training samples .*\(2 ranks of the sharded .* use more ranks, data\.limit"
+    with pytest.raises(ValueError, match=too_many):
         DataService(3001, RandomDropout(0.5), seed=0, micro_batch=4, grad_accum=1, rank=0, world_size=2)
 
 
