@@ -75,7 +75,7 @@ def test_owner_shards_are_equal_whole_steps_that_cover_every_kept_sample(counts)
     micro, accum, world = 4, 2, len(counts)
     actives = [torch.arange(c, dtype=torch.int64) * world + r for r, c in enumerate(counts)]
     weights = [torch.full((c,), 1.0 + r) for r, c in enumerate(counts)]
-    splits = [owner_split(a, w, counts, r, micro, accum, epoch_generator(0, 1, salt=r))
+    splits = [owner_split(a, w, counts, micro, accum, epoch_generator(0, 1, salt=r))
               for r, (a, w) in enumerate(zip(actives, weights))]
     offers = [s[2] for s in splits]
     parts = [owner_take(s[0], s[1], offers, counts, r, micro, accum) for r, s in enumerate(splits)]

@@ -115,8 +115,16 @@ Scorer = Callable[[torch.Tensor], "object"]
 """No-grad scoring of a batch of global indices -> an object with .loss, .prob, .correct tensors."""
 
 
-def owner_split(active: torch.Tensor, weights: torch.Tensor, counts: list[int], rank: int, micro: int,
-                accum: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quota(counts: list[int], micro: int, accum: int) -> tuple[int, int]:
+    """(samples every rank trains on: whole optimizer steps for all ranks' kept samples, padding
+    that makes world * quota)."""
+    world, total = len(counts), sum(counts)
+    quota = -(-total // (micro * accum * world)) * micro * accum
+    return quota, world * quota - total
+
+
+def owner_split(active: torch.Tensor, weights: torch.Tensor, counts: list[int], micro: int, accum: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """With the sharded table, the first half of equal shards: this rank's kept samples, shuffled,
     split into what it trains on itself and what it offers to ranks that own fewer.
 
@@ -126,9 +134,7 @@ def owner_split(active: torch.Tensor, weights: torch.Tensor, counts: list[int], 
     repeats samples rather than drop any). Returns (kept, kept weights, offer [k, 2] int64 rows of
     index and weight bits).
     """
-    world, total = len(counts), sum(counts)
-    quota = -(-total // (micro * accum * world)) * micro * accum
-    pad = world * quota - total
+    quota, pad = _quota(counts, micro, accum)
     order = torch.randperm(active.numel(), generator=generator)
     idx, w = active[order], weights[order]
     offer = torch.cat([idx[quota:], idx[:min(idx.numel(), pad)]])
@@ -141,12 +147,10 @@ def owner_take(kept: torch.Tensor, kept_w: torch.Tensor, offers: list[torch.Tens
                micro: int, accum: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The second half: fill this rank's shortfall from every rank's offer, in rank order, and cut
     its quota into [micro-batches, micro] (the offers and counts are the same on every rank)."""
-    world, total = len(counts), sum(counts)
-    if total == 0:
+    if sum(counts) == 0:
         empty = torch.empty(0, micro, dtype=torch.int64)
         return empty, empty.float()
-    quota = -(-total // (micro * accum * world)) * micro * accum
-    pad = world * quota - total
+    quota, pad = _quota(counts, micro, accum)
     surplus = [o[:max(c - quota, 0)] for o, c in zip(offers, counts)]
     heads = torch.cat([o[max(c - quota, 0):] for o, c in zip(offers, counts)])
     pool = torch.cat(surplus + [heads.repeat(-(-pad // max(heads.shape[0], 1)), 1)[:pad]])
@@ -237,7 +241,7 @@ class DataService:
         """Equal shards of the sharded table's plan: each rank trains on the samples it owns, and
         ranks owning more than their share hand the surplus to those owning less (one all-gather)."""
         counts, epoch = cur["counts"], cur["epoch"]
-        kept, kept_w, offer = owner_split(cur["active"], cur["weights"], counts, self.rank, self.micro, self.accum,
+        kept, kept_w, offer = owner_split(cur["active"], cur["weights"], counts, self.micro, self.accum,
                                           epoch_generator(self.seed, epoch, salt=-1 - self.rank))
         offers = self._gather_rows(offer) if sum(counts) else [offer]
         return owner_take(kept, kept_w, offers, counts, self.rank, self.micro, self.accum)
@@ -373,8 +377,7 @@ class DataService:
         """What only this rank holds (its file in the checkpoint), after `state_dict`: None unless sharded."""
         if not self.sharded:
             return None
-        return {"table": self.table.state_dict(), "plan": None if self._current is None else dict(self._current),
-                "rank": self.rank, "world_size": self.world_size}
+        return {"table": self.table.state_dict(), "plan": None if self._current is None else dict(self._current)}
 
     def load_state_dict(self, state: dict, rank_state: Optional[dict] = None) -> None:
         if bool(state.get("sharded", False)) != self.sharded:
