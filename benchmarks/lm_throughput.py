@@ -48,7 +48,7 @@ def plain_deepspeed(cfg, info, task, steps: int, warmup: int) -> float:
             _sync(info)
             t0 = time.perf_counter()
         start = ((step * info.world_size + info.rank) * mb) % max(n - mb, 1)
-        ids = task.train[start:start + mb].to(info.device)
+        ids = task.train[torch.arange(start, start + mb)].to(info.device)
         logits = engine(ids)
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         engine.backward(loss)

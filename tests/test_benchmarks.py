@@ -45,3 +45,17 @@ def test_data_service_benchmark_json_contract(fmnist):
         assert r["sharded"]["kept_fraction"] == r["replicated"]["kept_fraction"] == (1.0 if r["policy"] == "full"
                                                                                      else 0.125)
         assert r["ratio"] == pytest.approx(r["sharded"]["plan_s"] / r["replicated"]["plan_s"])
+
+
+def test_token_cache_benchmark_json_contract(tmp_path):
+    from metabolic.data.text import shakespeare_files
+
+    (tmp_path / "play.txt").write_text(shakespeare_files()[0].read_text(encoding="utf-8", errors="replace")[:30000])
+    bench = str(REPO / "benchmarks" / "token_cache.py")
+    proc = ok(run([sys.executable, bench, "--corpus", "files", "--path", str(tmp_path / "play.txt"),
+                   "--tokenizer", "byte", "--seq-len", "64", "--repeats", "1", "--json"], timeout=300))
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["vocab_size"] == 257 and 0 < res["tokens"] <= 30001  # the benchmark checks rows equal pack's
+    assert res["in_memory_s"] > 0 and res["build_s"] > 0 and res["open_s"] > 0
+    assert res["build_ratio"] == pytest.approx(res["build_s"] / res["in_memory_s"])
+    assert res["bytes_per_token"] == {"in_memory_per_rank": 8, "token_file_per_machine": pytest.approx(2, abs=0.01)}

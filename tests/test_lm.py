@@ -111,7 +111,7 @@ def test_data_limit_does_not_move_the_validation_set(tmp_path, corpus):
 
     small, full = task(16), task("null")
     assert small.num_train == 16 and full.num_train > 16
-    assert torch.equal(small.val, full.val) and torch.equal(small.train, full.train[:16])
+    assert torch.equal(small.val.load(), full.val.load()) and torch.equal(small.train.load(), full.train[:16].load())
 
 
 def test_streamed_corpus_trains_bpe_on_its_head_and_stops_at_the_limit(tmp_path, corpus, monkeypatch):

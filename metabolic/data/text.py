@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import importlib.util
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -95,22 +94,33 @@ def _hf_documents(path: Optional[str], hf_name: Optional[str], text_key: str, st
         yield row[text_key]
 
 
-@dataclass
-class PackedText:
-    """Packed token sequences: row i is sequence index i."""
+def corpus_source(corpus: str, path: Optional[str] = None, hf_name: Optional[str] = None,
+                  text_key: str = "text") -> dict:
+    """What decides a corpus's documents, for the token cache's key: its local files with their
+    size and modification time, or the hub name (a changed hub dataset is not noticed)."""
+    from metabolic.data.token_cache import file_stats
 
-    tokens: torch.Tensor  # int64 [N, L]
-    vocab_size: int
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def head(self, n: Optional[int]) -> "PackedText":
-        return self if n is None or n >= len(self) else PackedText(self.tokens[:n], self.vocab_size)
+    if corpus == "shakespeare":
+        files = shakespeare_files()
+    elif corpus == "files":
+        if not path:
+            raise DatasetMissingError("config key 'data.path': corpus=files needs a file, folder or glob")
+        files = text_files(path)
+    elif corpus == "hf" and path and Path(path).exists():
+        p = Path(path)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    elif corpus == "hf":
+        return {"corpus": corpus, "hf_name": hf_name, "text_key": text_key}
+    else:
+        raise ConfigError(f"config key 'data.text.corpus': unknown corpus {corpus!r}")
+    return {"corpus": corpus, "text_key": text_key if corpus == "hf" else None, "files": file_stats(files)}
 
 
 def pack(token_docs: Iterable[list[int]], seq_len: int, eot_id: int, max_sequences: Optional[int] = None) -> torch.Tensor:
-    """Concatenate documents (each followed by EOT) and cut into [N, seq_len]; the ragged tail is dropped."""
+    """Concatenate documents (each followed by EOT) and cut into [N, seq_len]; the ragged tail is dropped.
+
+    The reference for the trainer's path, which writes the same stream to a token file
+    (token_cache.build) and cuts the same rows from it (TokenRows.pack)."""
     chunks, total = [], 0
     limit = None if max_sequences is None else max_sequences * seq_len
     for ids in token_docs:
@@ -125,8 +135,8 @@ def pack(token_docs: Iterable[list[int]], seq_len: int, eot_id: int, max_sequenc
     return stream[: n * seq_len].view(n, seq_len).clone()
 
 
-def split_train_val(packed: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last ceil(val_fraction * N) sequences are validation; the rest train."""
+def split_train_val(packed, val_fraction: float):
+    """The last ceil(val_fraction * N) sequences are validation; the rest train (tensor or TokenRows)."""
     n_val = max(1, math.ceil(val_fraction * packed.shape[0]))
     if packed.shape[0] - n_val < 1:
         raise ConfigError(f"config key 'data.text.seq_len': corpus too small: {packed.shape[0]} sequences cannot "
@@ -135,8 +145,10 @@ def split_train_val(packed: torch.Tensor, val_fraction: float) -> tuple[torch.Te
     return packed[:-n_val], packed[-n_val:]
 
 
-def unigram_entropy(tokens: torch.Tensor, vocab_size: int) -> float:
-    """Entropy (nats/token) of the corpus' token frequencies: the loss of the best context-free model."""
-    counts = torch.bincount(tokens.reshape(-1), minlength=vocab_size).double()
+def unigram_entropy(tokens, vocab_size: int) -> float:
+    """Entropy (nats/token) of the corpus' token frequencies: the loss of the best context-free model.
+    `tokens`: a tensor, or TokenRows (counted chunk by chunk)."""
+    counts = (tokens.token_counts(vocab_size) if hasattr(tokens, "token_counts")
+              else torch.bincount(tokens.reshape(-1), minlength=vocab_size)).double()
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log()).sum())

@@ -40,7 +40,8 @@ def _head(docs, max_chars: int) -> list[str]:
 
 def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, is_main: bool, barrier: Callable):
     """Corpus -> tokenizer (trained once and saved in the run) -> packed train/validation sequences."""
-    from metabolic.data.text import iter_documents, pack, split_train_val
+    from metabolic.data.text import iter_documents, split_train_val
+    from metabolic.data.token_cache import TokenRows
     from metabolic.data.tokenizer import load_or_build_tokenizer
     from metabolic.engine.task import LanguageModeling
 
@@ -53,11 +54,12 @@ def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, is
         return list(documents()) if not tx.streaming else _head(documents(), BPE_STREAM_CHARS)
 
     tokenizer = load_or_build_tokenizer(tx.tokenizer, tx.vocab_size, bpe_texts, run_dir, is_main, barrier)
-    encoded = (tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in documents())
     # With streaming, stop reading once data.limit training sequences (plus validation) are packed.
     # Without, pack everything: validation stays the corpus's last val_fraction whatever data.limit is.
     cap = None if d.limit is None or not tx.streaming else int(d.limit / (1 - tx.val_fraction)) + 1
-    train, val = split_train_val(pack(encoded, tx.seq_len, tokenizer.eos_token_id, cap), tx.val_fraction)
+    stream = cached_tokens(cfg, tokenizer, documents, None if cap is None else cap * tx.seq_len, run_dir, is_main,
+                           barrier)
+    train, val = split_train_val(TokenRows.pack(stream, tx.seq_len, cap), tx.val_fraction)
     if d.limit is not None:
         train = train[: d.limit]
     if d.eval_limit is not None:
@@ -65,6 +67,32 @@ def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, is
     task = LanguageModeling(train, val, vocab_size=len(tokenizer), device=device)
     task.tokenizer = tokenizer
     return task
+
+
+def cached_tokens(cfg: ExperimentConfig, tokenizer, documents: Callable, max_tokens, run_dir: Path, is_main: bool,
+                  barrier: Callable):
+    """The corpus's flat token stream, memory-mapped from the token cache (rank 0 tokenizes it
+    the first time; the other ranks wait at the barrier)."""
+    from metabolic.data.idx import DatasetMissingError
+    from metabolic.data.text import corpus_source
+    from metabolic.data import token_cache
+
+    d, tx = cfg.data, cfg.data.text
+    folder = Path(tx.cache_dir).expanduser() if tx.cache_dir else run_dir / "tokens"
+    source = dict(corpus_source(tx.corpus, d.path, d.hf_name, tx.text_key), streaming=tx.streaming)
+    key = token_cache.cache_key(source, tokenizer, max_tokens)
+    if is_main and not token_cache.is_built(folder, key):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"config key 'data.text.cache_dir': cannot create '{folder}' ({err})") from err
+        where = f" at {d.path}" if d.path else (f" {d.hf_name}" if d.hf_name else "")
+        token_cache.build(folder, key, documents(), tokenizer, max_tokens, describe=f"the {tx.corpus} corpus{where}")
+    barrier()
+    if not token_cache.is_built(folder, key):
+        raise DatasetMissingError(f"config key 'data.text.cache_dir': rank 0 tokenized the corpus into '{folder}', "
+                                  "which this rank does not see; use a folder every machine shares")
+    return token_cache.open_tokens(folder, key)
 
 
 def build_model(cfg: ExperimentConfig, task, ds_config: dict) -> tuple[nn.Module, object]:

@@ -57,6 +57,9 @@ class TextConfig:
     """Tokens per packed sequence."""
     val_fraction: float = 0.05
     """Fraction of packed sequences held out for validation (the last ones)."""
+    cache_dir: Optional[str] = None
+    """Folder of tokenized corpora, reused by every run that tokenizes the same corpus the same way
+    (null: <output_dir>/tokens); on several machines, one they all see."""
 
 
 @dataclass

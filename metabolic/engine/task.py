@@ -83,7 +83,8 @@ class LanguageModeling:
 
     eval_fields = ("loss_sum", "tokens")
 
-    def __init__(self, train: torch.Tensor, val: torch.Tensor, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, train, val, vocab_size: int, device: torch.device) -> None:
+        """train, val: [N, L] token rows, an int64 tensor or TokenRows on the token cache."""
         self.train, self.val, self.vocab_size, self.device = train, val, vocab_size, device
 
     @property

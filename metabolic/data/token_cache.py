@@ -1,0 +1,211 @@
+"""Tokenized corpora on disk: tokenize once, memory-map in every rank, every resume and every run.
+
+Tokenizing is the slow part of starting a language-model run (hours for a large corpus), and
+packed int64 tokens held in each rank's memory cost 8 bytes per token per rank. Instead rank 0
+tokenizes the corpus once into a flat file of token ids (every document followed by the
+end-of-text token; uint16 when the vocabulary fits, uint32 otherwise) and a JSON record of what
+it holds; every rank then memory-maps the file read-only, so the ranks of a machine share one
+copy in the page cache, and a resumed or requeued run starts at once.
+
+A file is named by a key over everything that decides its content: the corpus, the size and
+modification time of each of its files, the tokenizer (its serialised vocabulary and merges)
+and, for a streamed corpus, how many tokens were read. Sequences of any length are cut from the
+same file. A build writes under a temporary name and renames when done, so an interrupted build
+leaves nothing that could pass for a finished file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+FORMAT = 1
+"""Bump when the file layout changes: the key includes it, so old files are not read."""
+PROGRESS_EVERY_S = 30.0
+"""Seconds between progress lines while a corpus is tokenized."""
+WRITE_TOKENS = 1 << 20
+"""Tokens buffered before each write."""
+DOCS_PER_CALL = 64
+"""Documents per tokenizer call (fast tokenizers encode a batch on several threads)."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned type that holds every token id."""
+    if vocab_size <= 2**16:
+        return np.dtype(np.uint16)
+    if vocab_size <= 2**32:
+        return np.dtype(np.uint32)
+    raise ValueError(f"token cache: a vocabulary of {vocab_size:,} ids does not fit 32 bits")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha1 of the tokenizer's serialised form (vocabulary, merges, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha1(f"{type(tokenizer).__name__}\n{text}".encode()).hexdigest()
+
+
+def file_stats(files: Iterable[Path]) -> list[list]:
+    """[resolved path, size, mtime in ns] of each file: a changed file gives a new key."""
+    out = []
+    for f in files:
+        st = Path(f).stat()
+        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cache_key(source: dict, tokenizer, max_tokens: Optional[int]) -> str:
+    """Key of the token file for `source` (corpus description with its file stats) under `tokenizer`."""
+    desc = {"format": FORMAT, "source": source, "tokenizer": tokenizer_fingerprint(tokenizer), "max_tokens": max_tokens}
+    return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def paths(folder: Path, key: str) -> tuple[Path, Path]:
+    """(token file, its JSON record) for `key` in `folder`."""
+    return folder / f"{key}.tokens", folder / f"{key}.json"
+
+
+def is_built(folder: Path, key: str) -> bool:
+    """Whether a finished token file for `key` is in `folder` (the record is written last)."""
+    tokens, record = paths(folder, key)
+    return tokens.is_file() and record.is_file()
+
+
+def _log(msg: str) -> None:
+    print(f"[metabolic] {msg}", file=sys.stderr, flush=True)
+
+
+def build(folder: Path, key: str, documents: Iterable[str], tokenizer, max_tokens: Optional[int] = None,
+          describe: str = "corpus") -> dict:
+    """Tokenize `documents` into the token file for `key`; returns its record.
+
+    Stops after the document that reaches `max_tokens` (as `text.pack` does with its cap).
+    Prints a progress line every PROGRESS_EVERY_S seconds.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens_path, record_path = paths(folder, key)
+    dtype = token_dtype(len(tokenizer))
+    eot = tokenizer.eos_token_id
+    tmp = tokens_path.with_name(f"{tokens_path.name}.tmp-{uuid.uuid4().hex[:12]}")  # concurrent builders never share one
+    _log(f"tokenizing {describe} into {tokens_path} (once; later runs and ranks memory-map it)")
+    start = last = time.monotonic()
+    total, docs, pending, buffered = 0, 0, [], 0
+    try:
+        with open(tmp, "wb") as f:
+            for ids in _encoded(documents, tokenizer):
+                pending.append(np.asarray(list(ids) + [eot], dtype=np.int64))
+                buffered += pending[-1].size
+                docs += 1
+                done = max_tokens is not None and total + buffered >= max_tokens
+                if buffered >= WRITE_TOKENS or done:
+                    total += _write(f, pending, dtype)
+                    pending, buffered = [], 0
+                if done:
+                    break
+                if time.monotonic() - last >= PROGRESS_EVERY_S:
+                    last = time.monotonic()
+                    rate = (total + buffered) / max(last - start, 1e-9)
+                    _log(f"tokenizing {describe}: {docs:,} documents, {total + buffered:,} tokens "
+                         f"({rate:,.0f} tokens/s)")
+            total += _write(f, pending, dtype)
+        os.replace(tmp, tokens_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    record = {"format": FORMAT, "dtype": dtype.name, "num_tokens": total, "documents": docs,
+              "vocab_size": len(tokenizer), "eot_id": eot, "source": describe, "max_tokens": max_tokens,
+              "seconds": round(time.monotonic() - start, 3)}
+    tmp_record = record_path.with_name(f"{record_path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp_record.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp_record, record_path)
+    _log(f"tokenized {describe}: {docs:,} documents, {total:,} tokens in {record['seconds']:.1f} s")
+    return record
+
+
+def _encoded(documents: Iterable[str], tokenizer) -> Iterable[Sequence[int]]:
+    """Token ids of each document, in order, encoded DOCS_PER_CALL at a time."""
+    batch: list[str] = []
+    for doc in documents:
+        batch.append(doc)
+        if len(batch) == DOCS_PER_CALL:
+            yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+            batch = []
+    if batch:
+        yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+
+
+def _write(f, parts: list[np.ndarray], dtype: np.dtype) -> int:
+    if not parts:
+        return 0
+    ids = np.concatenate(parts)
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) > np.iinfo(dtype).max):
+        raise ValueError(f"token cache: token id {int(ids.max())} outside {dtype.name} (tokenizer's length is wrong)")
+    f.write(ids.astype(dtype).tobytes())
+    return int(ids.size)
+
+
+def open_tokens(folder: Path, key: str) -> np.ndarray:
+    """The flat token stream of a finished file, memory-mapped read-only."""
+    tokens_path, record_path = paths(folder, key)
+    record = json.loads(record_path.read_text())
+    dtype = np.dtype(record["dtype"])
+    n = int(record["num_tokens"])
+    size = tokens_path.stat().st_size
+    if size != n * dtype.itemsize:
+        raise ValueError(f"token cache {tokens_path}: {size:,} bytes where its record {record_path.name} says "
+                         f"{n:,} {dtype.name} tokens; delete both files to tokenize the corpus again")
+    if n == 0:
+        return np.empty(0, dtype=dtype)  # mmap refuses empty files
+    return np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n,))
+
+
+class TokenRows:
+    """Packed sequences [N, L] cut from a flat token stream, without copying it.
+
+    Row i is tokens [i*L, (i+1)*L). Indexing with a tensor of row indices reads just those rows
+    into an int64 tensor; a slice gives a view, as numpy's basic indexing does.
+    """
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = rows
+
+    @classmethod
+    def pack(cls, stream: np.ndarray, seq_len: int, max_sequences: Optional[int] = None) -> "TokenRows":
+        """Cut `stream` into whole rows of `seq_len`; the ragged tail is dropped."""
+        n = stream.shape[0] // seq_len
+        if max_sequences is not None:
+            n = min(n, max_sequences)
+        return cls(stream[: n * seq_len].reshape(n, seq_len))
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.rows.shape)
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return TokenRows(self.rows[key])
+        idx = key.cpu().numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+        return torch.from_numpy(self.rows[idx].astype(np.int64))
+
+    def load(self) -> torch.Tensor:
+        """Every row as one int64 tensor (small corpora and tests)."""
+        return torch.from_numpy(np.asarray(self.rows).astype(np.int64))
+
+    def token_counts(self, vocab_size: int, chunk_rows: int = 1 << 14) -> torch.Tensor:
+        """How often each token id occurs, read chunk by chunk."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for start in range(0, len(self), chunk_rows):
+            chunk = np.asarray(self.rows[start:start + chunk_rows]).reshape(-1)
+            counts += np.bincount(chunk, minlength=vocab_size)[:vocab_size]
+        return torch.from_numpy(counts)

@@ -1,0 +1,175 @@
+"""The token cache: a corpus tokenized once into a flat file, memory-mapped by every rank and run."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import REPO, metabolic, ok, summary
+from metabolic.data import token_cache
+from metabolic.data.text import corpus_source, iter_documents, pack, shakespeare_files, split_train_val
+from metabolic.data.token_cache import TokenRows
+from metabolic.data.tokenizer import byte_tokenizer, train_bpe
+
+LM_CONFIG = REPO / "configs" / "lm_tiny.yaml"
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    """Three short local text files (their own copy: tests change them)."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    text = shakespeare_files()[0].read_text(encoding="utf-8", errors="replace")
+    for i in range(3):
+        (folder / f"part{i}.txt").write_text(text[i * 7000:(i + 1) * 7000 - 1000 * i])
+    return folder
+
+
+def key_of(corpus, tok, max_tokens=None):
+    return token_cache.cache_key(corpus_source("files", str(corpus)), tok, max_tokens)
+
+
+def encoded(corpus, tok):
+    return (tok(d, add_special_tokens=False)["input_ids"] for d in iter_documents("files", str(corpus)))
+
+
+def test_token_file_holds_the_stream_pack_would_make(tmp_path, corpus):
+    tok = byte_tokenizer()
+    folder, key = tmp_path / "cache", key_of(corpus, tok)
+    record = token_cache.build(folder, key, iter_documents("files", str(corpus)), tok)
+    stream = token_cache.open_tokens(folder, key)
+    assert stream.dtype == np.uint16 and record["num_tokens"] == stream.shape[0] and record["documents"] == 3
+    assert stream.shape[0] == sum(len(d.encode()) + 1 for d in iter_documents("files", str(corpus)))
+    for seq_len in (32, 100):  # one file serves every sequence length
+        expect = pack(encoded(corpus, tok), seq_len, tok.eos_token_id)
+        rows = TokenRows.pack(stream, seq_len)
+        assert rows.shape == expect.shape and torch.equal(rows.load(), expect)
+        train, val = split_train_val(rows, 0.1)
+        ref_train, ref_val = split_train_val(expect, 0.1)
+        assert torch.equal(train.load(), ref_train) and torch.equal(val.load(), ref_val)
+
+
+def test_capped_build_stops_where_pack_stops(tmp_path, corpus):
+    tok = byte_tokenizer()
+    cap = 50  # sequences of 32 tokens: reached inside the first document
+    folder, key = tmp_path / "cache", key_of(corpus, tok, cap * 32)
+    record = token_cache.build(folder, key, iter_documents("files", str(corpus)), tok, max_tokens=cap * 32)
+    assert record["documents"] == 1
+    rows = TokenRows.pack(token_cache.open_tokens(folder, key), 32, cap)
+    assert torch.equal(rows.load(), pack(encoded(corpus, tok), 32, tok.eos_token_id, max_sequences=cap))
+    assert key != key_of(corpus, tok)  # a capped file is not mistaken for the whole corpus
+
+
+def test_rows_read_only_what_is_indexed(tmp_path, corpus):
+    tok = byte_tokenizer()
+    folder, key = tmp_path / "cache", key_of(corpus, tok)
+    token_cache.build(folder, key, iter_documents("files", str(corpus)), tok)
+    rows = TokenRows.pack(token_cache.open_tokens(folder, key), 16)
+    full = rows.load()
+    idx = torch.tensor([5, 0, 5, len(rows) - 1])
+    got = rows[idx]
+    assert got.dtype == torch.int64 and torch.equal(got, full[idx])
+    assert isinstance(rows[2:9], TokenRows) and torch.equal(rows[2:9].load(), full[2:9])
+    assert torch.equal(rows.token_counts(257, chunk_rows=7), torch.bincount(full.reshape(-1), minlength=257))
+
+
+class WideTokenizer:
+    """A tokenizer with ids past 2^16 (real ones with such vocabularies are hub downloads):
+    each character maps to 65,000 + its code point."""
+
+    eos_token_id = 69_999
+
+    def __len__(self) -> int:
+        return 70_000
+
+    def get_vocab(self) -> dict:
+        return {"wide": 70_000}
+
+    def __call__(self, docs, add_special_tokens=False):
+        return {"input_ids": [[65_000 + min(ord(c), 4_000) for c in d] for d in docs]}
+
+
+def test_vocabularies_past_16_bits_are_stored_in_32(tmp_path):
+    assert token_cache.token_dtype(50_257) == np.uint16 and token_cache.token_dtype(65_536) == np.uint16
+    assert token_cache.token_dtype(65_537) == np.uint32
+    tok = WideTokenizer()
+    token_cache.build(tmp_path, "k", ["ab", "c"], tok)
+    stream = token_cache.open_tokens(tmp_path, "k")
+    assert stream.dtype == np.uint32 and stream.tolist() == [65_097, 65_098, 69_999, 65_099, 69_999]
+
+
+def test_key_changes_with_the_corpus_files_and_the_tokenizer(tmp_path, corpus):
+    byte = byte_tokenizer()
+    key = key_of(corpus, byte)
+    assert key_of(corpus, byte_tokenizer()) == key
+    texts = list(iter_documents("files", str(corpus)))
+    bpe = train_bpe(texts, 300)
+    bpe.save_pretrained(str(tmp_path / "tok"))
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert key_of(corpus, reloaded) == key_of(corpus, bpe) != key  # a resumed run finds its file
+    assert key_of(corpus, train_bpe(texts, 280)) != key_of(corpus, bpe)
+    (corpus / "part1.txt").write_text(texts[1] + " More.")
+    edited = key_of(corpus, byte)
+    (corpus / "part3.txt").write_text("A new file.")
+    assert len({key, edited, key_of(corpus, byte)}) == 3
+
+
+def test_an_interrupted_build_leaves_nothing_that_passes_for_a_file(tmp_path, corpus):
+    tok = byte_tokenizer()
+    folder, key = tmp_path / "cache", key_of(corpus, tok)
+
+    def dying():
+        yield "Some text."
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        token_cache.build(folder, key, dying(), tok)
+    assert not token_cache.is_built(folder, key) and os.listdir(folder) == []
+    token_cache.build(folder, key, iter_documents("files", str(corpus)), tok)
+    assert token_cache.is_built(folder, key) and sorted(os.listdir(folder)) == [f"{key}.json", f"{key}.tokens"]
+
+
+def test_a_damaged_file_is_refused_naming_it(tmp_path, corpus):
+    tok = byte_tokenizer()
+    folder, key = tmp_path / "cache", key_of(corpus, tok)
+    token_cache.build(folder, key, iter_documents("files", str(corpus)), tok)
+    path = folder / f"{key}.tokens"
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 2)
+    with pytest.raises(ValueError, match=f"{path}.*delete both files"):
+        token_cache.open_tokens(folder, key)
+
+
+def lm_args(out, corpus, *extra):
+    return [str(LM_CONFIG), f"output_dir={out}", "data.text.corpus=files", f"data.path={corpus}",
+            "data.text.tokenizer=byte", "data.text.seq_len=32", "model.width=32", "model.depth=2", "model.heads=2",
+            "data.limit=64", "data.eval_limit=16", "train.micro_batch_size=8", "train.eval_batch_size=8",
+            "train.log_every=1", "train.max_steps=2", "train.warmup_steps=1", "train.progress=false", *extra]
+
+
+def test_runs_share_a_cache_dir_and_tokenize_once(tmp_path, corpus):
+    cache = tmp_path / "cache"
+    first = ok(metabolic("train", *lm_args(tmp_path / "a", corpus, f"data.text.cache_dir={cache}")))
+    assert "tokenizing the files corpus" in first.stderr
+    second = ok(metabolic("train", *lm_args(tmp_path / "b", corpus, f"data.text.cache_dir={cache}")))
+    assert "tokeniz" not in second.stderr
+    assert len(list(cache.glob("*.tokens"))) == 1 and not (tmp_path / "b" / "tokens").exists()
+    a, b = summary(tmp_path / "a"), summary(tmp_path / "b")
+    assert a["eval/loss"] == b["eval/loss"] and a["data/unigram_entropy"] == b["data/unigram_entropy"] > 0
+    # Without cache_dir the file goes in the run, where resume finds it.
+    ok(metabolic("train", *lm_args(tmp_path / "c", corpus)))
+    files = sorted(p.name for p in (tmp_path / "c" / "tokens").iterdir())
+    assert files == sorted(p.name for p in cache.iterdir())
+    assert summary(tmp_path / "c")["eval/loss"] == a["eval/loss"]
+
+
+def test_an_unusable_cache_dir_is_a_config_error(tmp_path, corpus):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = tmp_path / "run"
+    proc = metabolic("train", *lm_args(out, corpus, f"data.text.cache_dir={blocker}/cache"))
+    assert proc.returncode == 2 and "data.text.cache_dir" in proc.stderr, proc.stderr
+    assert blocker.read_text() == "not a folder"
