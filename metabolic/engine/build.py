@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -50,8 +50,8 @@ def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, is
     def documents():
         return iter_documents(tx.corpus, d.path, d.hf_name, tx.text_key, tx.streaming)
 
-    def bpe_texts() -> list[str]:  # a stream may be far larger than memory: train BPE on its head
-        return list(documents()) if not tx.streaming else _head(documents(), BPE_STREAM_CHARS)
+    def bpe_texts() -> Iterable[str]:  # read as BPE trains, not held; a stream may be endless: its head only
+        return documents() if not tx.streaming else _head(documents(), BPE_STREAM_CHARS)
 
     tokenizer = load_or_build_tokenizer(tx.tokenizer, tx.vocab_size, bpe_texts, run_dir, is_main, barrier)
     # With streaming, stop reading once data.limit training sequences (plus validation) are packed.
