@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, metabolic, ok, summary
+from helpers import REPO, metabolic, ok, summary, torchrun
 from metabolic.data import token_cache
 from metabolic.data.text import corpus_source, iter_documents, pack, shakespeare_files, split_train_val
 from metabolic.data.token_cache import TokenRows
@@ -173,3 +173,14 @@ def test_an_unusable_cache_dir_is_a_config_error(tmp_path, corpus):
     proc = metabolic("train", *lm_args(out, corpus, f"data.text.cache_dir={blocker}/cache"))
     assert proc.returncode == 2 and "data.text.cache_dir" in proc.stderr, proc.stderr
     assert blocker.read_text() == "not a folder"
+
+
+def test_ranks_wait_for_rank_0_past_the_collective_timeout():
+    # Rank 0 may tokenize for hours; the others wait in a group whose timeout is not the 10-minute
+    # one of the training collectives (here cut to 2 s, which the meta barrier shows is in force).
+    proc = ok(torchrun(2, str(REPO / "tests" / "workers" / "setup_barrier_worker.py"), timeout=300))
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 4, proc.stdout
+    assert lines[0].startswith("rank 0 meta barrier failed") and lines[1].startswith("rank 0 setup barrier passed")
+    assert lines[2].startswith("rank 1 meta barrier failed") and lines[3].startswith("rank 1 setup barrier passed")
+    assert float(lines[3].split("after ")[1].split(" s")[0]) >= 4.5  # it did wait out rank 0's 5 s

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,13 @@ class DistInfo:
     local_rank: int
     device: torch.device
     meta_group: object  # gloo group for metadata (scores, flags, ledger) so GPU streams stay untouched
+    setup_group: object = None  # gloo group with SETUP_TIMEOUT, for waiting on rank 0's one-off data preparation
+
+
+SETUP_TIMEOUT = timedelta(hours=24)
+"""How long ranks wait for rank 0 to train a tokenizer or tokenize a corpus: hours for a large
+corpus, where the collectives' own timeout (30 minutes by default) would fail the run. A rank
+that dies still fails the others at once (its connections close)."""
 
 
 def _free_port() -> int:
@@ -42,8 +51,9 @@ def _from_slurm_env() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
-def init_distributed() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed; a lone process becomes a world of one."""
+def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed; a lone process becomes a world of one.
+    timeout_s: how long a collective may wait for the other ranks (None: torch's default)."""
     import deepspeed
 
     _from_slurm_env()
@@ -64,10 +74,13 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    meta = dist.new_group(backend="gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, meta)
+        extra = {} if timeout is None else {"timeout": timeout}
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **extra)
+    meta = dist.new_group(backend="gloo", timeout=timeout)
+    setup = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, meta, setup)
 
 
 def shutdown_distributed() -> None:

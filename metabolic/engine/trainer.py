@@ -80,12 +80,12 @@ class Trainer:
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.info = dist_info or init_distributed()
+        self.info = dist_info or init_distributed(cfg.train.collective_timeout_s)
         self.is_main = self.info.rank == 0
         torch.manual_seed(cfg.seed)
         self._check_output_dir()
         self.task = build.build_task(cfg, self.info.device, self.out, self.is_main,
-                                     lambda: dist.barrier(group=self.info.meta_group))
+                                     lambda: dist.barrier(group=self.info.setup_group or self.info.meta_group))
 
         ds_config = build.deepspeed_config(cfg, self.info.world_size)
         model, self._hf_ds_config = build.build_model(cfg, self.task, ds_config)
@@ -486,7 +486,7 @@ def throughput(record: dict, last: dict, world_size: int, device: torch.device) 
 def train(cfg: ExperimentConfig) -> dict:
     """Train one experiment in this process (any launcher, or none); ends the process group."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "metabolic" / "torch_extensions"))
-    info = init_distributed()
+    info = init_distributed(cfg.train.collective_timeout_s)
     try:
         summary = Trainer(cfg, info).run()
     except BaseException:
