@@ -107,7 +107,7 @@ def test_data_limit_does_not_move_the_validation_set(tmp_path, corpus):
 
     def task(limit):
         cfg = load_config(LM_CONFIG, lm_args(tmp_path / "run", corpus, f"data.limit={limit}", "data.eval_limit=null")[1:])
-        return build_lm_task(cfg, torch.device("cpu"), tmp_path / f"t{limit}", True, lambda: None)
+        return build_lm_task(cfg, torch.device("cpu"), tmp_path / f"t{limit}")
 
     small, full = task(16), task("null")
     assert small.num_train == 16 and full.num_train > 16
@@ -127,7 +127,7 @@ def test_streamed_corpus_trains_bpe_on_its_head_and_stops_at_the_limit(tmp_path,
     monkeypatch.setattr(build, "BPE_STREAM_CHARS", 2000)
     cfg = load_config(LM_CONFIG, lm_args(tmp_path / "run", corpus, "data.text.corpus=hf", "data.text.streaming=true",
                                          "data.text.tokenizer=bpe", "data.text.vocab_size=300", "data.limit=20")[1:])
-    task = build.build_lm_task(cfg, torch.device("cpu"), tmp_path / "run", True, lambda: None)
+    task = build.build_lm_task(cfg, torch.device("cpu"), tmp_path / "run")
     lines = list(iter_documents("hf", str(corpus), streaming=True))
     texts = seen[0]
     assert texts == lines[: len(texts)] and len(texts) < len(lines)

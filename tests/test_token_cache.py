@@ -71,7 +71,7 @@ def test_rows_read_only_what_is_indexed(tmp_path, corpus):
     got = rows[idx]
     assert got.dtype == torch.int64 and torch.equal(got, full[idx])
     assert isinstance(rows[2:9], TokenRows) and torch.equal(rows[2:9].load(), full[2:9])
-    assert torch.equal(rows.token_counts(257, chunk_rows=7), torch.bincount(full.reshape(-1), minlength=257))
+    assert torch.equal(rows.token_counts(257, chunk_tokens=100), torch.bincount(full.reshape(-1), minlength=257))
 
 
 class WideTokenizer:
@@ -117,6 +117,45 @@ def test_key_changes_with_the_corpus_files_and_the_tokenizer(tmp_path, corpus):
     assert len({key, edited, key_of(corpus, byte)}) == 3
 
 
+def test_key_follows_the_end_of_text_token(tmp_path, corpus):
+    # Same vocabulary and merges, another separator (a base model and its chat variant): another file.
+    from transformers import PreTrainedTokenizerFast
+
+    base = byte_tokenizer()
+    chat = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, eos_token="<0x0A>")
+    assert chat.eos_token_id != base.eos_token_id and key_of(corpus, chat) != key_of(corpus, base)
+    token_cache.build(tmp_path, "k", ["ab"], base)
+    with pytest.raises(ValueError, match="end-of-text 256"):
+        token_cache.open_tokens(tmp_path, "k", chat)
+
+
+def test_builders_sharing_a_folder_take_turns(tmp_path, corpus, monkeypatch):
+    tok = byte_tokenizer()
+    folder, key = tmp_path / "cache", key_of(corpus, tok)
+    folder.mkdir()
+    lock = token_cache.lock_path(folder, key)
+    lock.write_text("another host pid 1\n")  # a live builder holds the folder
+    monkeypatch.setattr(token_cache, "WAIT_POLL_S", 0.01)
+    looks = []
+
+    def stop_after_three_looks() -> bool:
+        looks.append(1)
+        return len(looks) > 3
+
+    docs = lambda: iter_documents("files", str(corpus))  # noqa: E731
+    with pytest.raises(token_cache.Interrupted, match="waiting for"):
+        token_cache.prepare(folder, key, docs, tok, should_stop=stop_after_three_looks)
+    assert lock.exists() and not token_cache.is_built(folder, key)  # the holder's lock is left alone
+    os.utime(lock, (0, 0))  # its holder died long ago: the lock is taken over
+    token_cache.prepare(folder, key, docs, tok)
+    assert token_cache.is_built(folder, key) and not lock.exists()
+    first = (folder / f"{key}.tokens").stat().st_ino
+    # A builder that finishes after another keeps the first file (runs may have it mapped).
+    token_cache.build(folder, key, iter_documents("files", str(corpus)), tok)
+    assert (folder / f"{key}.tokens").stat().st_ino == first
+    assert sorted(os.listdir(folder)) == [f"{key}.json", f"{key}.tokens"]
+
+
 def test_an_interrupted_build_leaves_nothing_that_passes_for_a_file(tmp_path, corpus):
     tok = byte_tokenizer()
     folder, key = tmp_path / "cache", key_of(corpus, tok)
@@ -128,6 +167,9 @@ def test_an_interrupted_build_leaves_nothing_that_passes_for_a_file(tmp_path, co
     with pytest.raises(KeyboardInterrupt):
         token_cache.build(folder, key, dying(), tok)
     assert not token_cache.is_built(folder, key) and os.listdir(folder) == []
+    with pytest.raises(token_cache.Interrupted):  # a stop signal, seen between batches of documents
+        token_cache.prepare(folder, key, lambda: iter_documents("files", str(corpus)), tok, should_stop=lambda: True)
+    assert os.listdir(folder) == []  # neither the partial file nor the lock
     token_cache.build(folder, key, iter_documents("files", str(corpus)), tok)
     assert token_cache.is_built(folder, key) and sorted(os.listdir(folder)) == [f"{key}.json", f"{key}.tokens"]
 
@@ -166,12 +208,18 @@ def test_runs_share_a_cache_dir_and_tokenize_once(tmp_path, corpus):
     assert summary(tmp_path / "c")["eval/loss"] == a["eval/loss"]
 
 
-def test_an_unusable_cache_dir_is_a_config_error(tmp_path, corpus):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_an_unusable_cache_dir_is_a_config_error(tmp_path, corpus, ranks):
+    # With two ranks, rank 0 tells rank 1 why it failed: no rank waits for a file that never comes.
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    out = tmp_path / "run"
-    proc = metabolic("train", *lm_args(out, corpus, f"data.text.cache_dir={blocker}/cache"))
-    assert proc.returncode == 2 and "data.text.cache_dir" in proc.stderr, proc.stderr
+    args = lm_args(tmp_path / "run", corpus, f"data.text.cache_dir={blocker}/cache")
+    proc = metabolic("train", *args) if ranks == 1 else torchrun(2, "-m", "metabolic", "train", *args, timeout=300)
+    assert proc.returncode != 0 and "data.text.cache_dir" in proc.stderr, proc.stderr[-3000:]
+    if ranks == 1:
+        assert proc.returncode == 2
+    else:
+        assert "rank 0 could not tokenize the corpus: ConfigError" in proc.stderr
     assert blocker.read_text() == "not a folder"
 
 
@@ -184,3 +232,38 @@ def test_ranks_wait_for_rank_0_past_the_collective_timeout():
     assert lines[0].startswith("rank 0 meta barrier failed") and lines[1].startswith("rank 0 setup barrier passed")
     assert lines[2].startswith("rank 1 meta barrier failed") and lines[3].startswith("rank 1 setup barrier passed")
     assert float(lines[3].split("after ")[1].split(" s")[0]) >= 4.5  # it did wait out rank 0's 5 s
+
+
+def test_a_stop_signal_while_tokenizing_exits_for_a_resume(tmp_path):
+    # SLURM's preemption notice during a long tokenization: exit 75 (requeue and resume), leaving
+    # neither a partial file nor a lock nor an empty run folder; the resumed run tokenizes again.
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import env
+
+    corpus = tmp_path / "many"
+    corpus.mkdir()
+    text = "".join(f.read_text(encoding="utf-8", errors="replace") for f in shakespeare_files()[:3])
+    for i in range(400):  # ~5 MB in many documents: seconds to tokenize, checked between documents
+        (corpus / f"doc{i:03d}.txt").write_text(text[(i * 12_000) % (len(text) - 12_000):][:12_000])
+    out = tmp_path / "run"
+    args = lm_args(out, corpus, "data.limit=null")
+    proc = subprocess.Popen([sys.executable, "-m", "metabolic", "train", *args], cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "tokenizing the files corpus" in line:
+                proc.send_signal(signal.SIGUSR1)
+                break
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, "".join(seen) + rest
+    assert "stopped while tokenizing" in rest and "resume=true" in rest
+    assert not out.exists()  # nothing was written: no partial token file, no lock, no empty folders
+    ok(metabolic("train", *args, "resume=true"))
+    assert len(list((out / "tokens").glob("*.tokens"))) == 1 and summary(out)["step"] == 2

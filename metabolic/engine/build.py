@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -12,10 +14,24 @@ from torch import nn
 from metabolic.engine.config import LM_MODELS, ConfigError, ExperimentConfig
 
 
-def build_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, is_main: bool, barrier: Callable):
+@dataclass
+class Setup:
+    """How the ranks prepare data together: rank 0 does the one-off work (training a tokenizer,
+    tokenizing a corpus) and shares its outcome; the other ranks wait for it."""
+
+    is_main: bool = True
+    """This process is rank 0."""
+    share: Callable[[Any], Any] = lambda obj: obj
+    """Rank 0's object on every rank; every rank calls it and the others wait for rank 0."""
+
+    def barrier(self) -> None:
+        self.share(None)
+
+
+def build_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, setup: Setup = Setup()):
     """The training task and its data (raises DatasetMissingError with instructions)."""
     if cfg.model.name in LM_MODELS:
-        return build_lm_task(cfg, device, run_dir, is_main, barrier)
+        return build_lm_task(cfg, device, run_dir, setup)
     from metabolic.data import load_image_splits
     from metabolic.engine.task import ImageClassification
 
@@ -38,7 +54,7 @@ def _head(docs, max_chars: int) -> list[str]:
     return out
 
 
-def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, is_main: bool, barrier: Callable):
+def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, setup: Setup = Setup()):
     """Corpus -> tokenizer (trained once and saved in the run) -> packed train/validation sequences."""
     from metabolic.data.text import iter_documents, split_train_val
     from metabolic.data.token_cache import TokenRows
@@ -53,12 +69,11 @@ def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, is
     def bpe_texts() -> Iterable[str]:  # read as BPE trains, not held; a stream may be endless: its head only
         return documents() if not tx.streaming else _head(documents(), BPE_STREAM_CHARS)
 
-    tokenizer = load_or_build_tokenizer(tx.tokenizer, tx.vocab_size, bpe_texts, run_dir, is_main, barrier)
+    tokenizer = load_or_build_tokenizer(tx.tokenizer, tx.vocab_size, bpe_texts, run_dir, setup.is_main, setup.barrier)
     # With streaming, stop reading once data.limit training sequences (plus validation) are packed.
     # Without, pack everything: validation stays the corpus's last val_fraction whatever data.limit is.
     cap = None if d.limit is None or not tx.streaming else int(d.limit / (1 - tx.val_fraction)) + 1
-    stream = cached_tokens(cfg, tokenizer, documents, None if cap is None else cap * tx.seq_len, run_dir, is_main,
-                           barrier)
+    stream = cached_tokens(cfg, tokenizer, documents, None if cap is None else cap * tx.seq_len, run_dir, setup)
     train, val = split_train_val(TokenRows.pack(stream, tx.seq_len, cap), tx.val_fraction)
     if d.limit is not None:
         train = train[: d.limit]
@@ -69,30 +84,52 @@ def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, is
     return task
 
 
-def cached_tokens(cfg: ExperimentConfig, tokenizer, documents: Callable, max_tokens, run_dir: Path, is_main: bool,
-                  barrier: Callable):
-    """The corpus's flat token stream, memory-mapped from the token cache (rank 0 tokenizes it
-    the first time; the other ranks wait at the barrier)."""
+def cached_tokens(cfg: ExperimentConfig, tokenizer, documents: Callable, max_tokens: Optional[int], run_dir: Path,
+                  setup: Setup):
+    """The corpus's flat token stream, memory-mapped from the token cache. Rank 0 finds or builds
+    the file and shares its key (or why it failed or stopped); every rank opens that file."""
+    from metabolic.data import token_cache
     from metabolic.data.idx import DatasetMissingError
     from metabolic.data.text import corpus_source
-    from metabolic.data import token_cache
 
     d, tx = cfg.data, cfg.data.text
     folder = Path(tx.cache_dir).expanduser() if tx.cache_dir else run_dir / "tokens"
-    source = dict(corpus_source(tx.corpus, d.path, d.hf_name, tx.text_key), streaming=tx.streaming)
-    key = token_cache.cache_key(source, tokenizer, max_tokens)
-    if is_main and not token_cache.is_built(folder, key):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"config key 'data.text.cache_dir': cannot create '{folder}' ({err})") from err
-        where = f" at {d.path}" if d.path else (f" {d.hf_name}" if d.hf_name else "")
-        token_cache.build(folder, key, documents(), tokenizer, max_tokens, describe=f"the {tx.corpus} corpus{where}")
-    barrier()
-    if not token_cache.is_built(folder, key):
-        raise DatasetMissingError(f"config key 'data.text.cache_dir': rank 0 tokenized the corpus into '{folder}', "
-                                  "which this rank does not see; use a folder every machine shares")
-    return token_cache.open_tokens(folder, key)
+    config_key = "data.text.cache_dir" if tx.cache_dir else "output_dir"
+    with token_cache.stop_requests() as should_stop:
+        outcome: dict = {}
+        if setup.is_main:
+            made = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again if nothing is built
+            try:
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as err:
+                    raise ConfigError(f"config key '{config_key}': cannot create '{folder}' ({err})") from err
+                source = dict(corpus_source(tx.corpus, d.path, d.hf_name, tx.text_key), streaming=tx.streaming)
+                key = token_cache.cache_key(source, tokenizer, max_tokens)
+                where = f" at {d.path}" if d.path else (f" {d.hf_name}" if d.hf_name else "")
+                token_cache.prepare(folder, key, documents, tokenizer, max_tokens, f"the {tx.corpus} corpus{where}",
+                                    should_stop)
+                outcome = {"key": key}
+                if should_stop():  # too late to stop the build, in time to stop the run
+                    outcome["stopped"] = "a stop signal arrived while the corpus was tokenized (the file is kept)"
+            except token_cache.Interrupted as err:
+                outcome = {"stopped": str(err)}
+            except BaseException as err:
+                setup.share({"error": f"{type(err).__name__}: {err}"})
+                raise
+            finally:
+                for p in made:  # deepest first; only empty folders go
+                    with contextlib.suppress(OSError):
+                        p.rmdir()
+        outcome = setup.share(outcome)
+    if "stopped" in outcome:
+        raise token_cache.Interrupted(outcome["stopped"])
+    if "error" in outcome:
+        raise DatasetMissingError(f"rank 0 could not tokenize the corpus: {outcome['error']}")
+    if not token_cache.is_built(folder, outcome["key"]):
+        raise DatasetMissingError(f"config key '{config_key}': rank 0 tokenized the corpus into '{folder}', which this "
+                                  "rank does not see; use a folder every machine shares")
+    return token_cache.open_tokens(folder, outcome["key"], tokenizer)
 
 
 def build_model(cfg: ExperimentConfig, task, ds_config: dict) -> tuple[nn.Module, object]:

@@ -140,9 +140,9 @@ class TrainConfig:
     """Linear warmup steps for the learning rate."""
     progress: bool = True
     """Show a progress bar on rank 0."""
-    collective_timeout_s: float = 600.0
-    """Seconds a rank waits in a collective for the others before the run fails (DeepSpeed's default);
-    raise it when checkpoints of a large model take longer to write."""
+    collective_timeout_s: Optional[float] = None
+    """Seconds a rank waits in a collective for the others before the run fails (null: DeepSpeed's
+    default, 10 minutes or DEEPSPEED_TIMEOUT); raise it when a large model's checkpoints write slowly."""
 
 
 @dataclass
@@ -312,7 +312,8 @@ def validate(cfg: ExperimentConfig) -> None:
     for key in ("eval_every", "checkpoint_every", "warmup_steps"):
         _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), ">= 0")
     _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, ">= 0")
-    _check(t.collective_timeout_s > 0, "train.collective_timeout_s", t.collective_timeout_s, "> 0")
+    _check(t.collective_timeout_s is None or t.collective_timeout_s > 0, "train.collective_timeout_s",
+           t.collective_timeout_s, "null or > 0")
     _check(t.lr_schedule in SCHEDULES, "train.lr_schedule", t.lr_schedule, f"one of {SCHEDULES}")
     o = cfg.optimizer
     _check(o.name in OPTIMIZERS, "optimizer.name", o.name, f"one of {OPTIMIZERS}")

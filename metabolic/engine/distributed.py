@@ -83,6 +83,15 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, meta, setup)
 
 
+def share_from_rank0(obj, group=None):
+    """Rank 0's `obj` on every rank (the others wait for it); a lone process gets its own back."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
 def shutdown_distributed() -> None:
     """barrier + destroy_process_group: avoids gloo's abort at exit seen with torch 2.13 (PLATFORM.md)."""
     if dist.is_initialized():

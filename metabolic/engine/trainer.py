@@ -25,7 +25,7 @@ from metabolic.engine import build, checkpoint
 from metabolic.engine.controller import build_controller
 from metabolic.engine.config import ConfigError, ExperimentConfig, to_dict, to_yaml
 from metabolic.engine.data_service import DataService, EpochPlan, epoch_generator
-from metabolic.engine.distributed import DistInfo, init_distributed, shutdown_distributed
+from metabolic.engine.distributed import DistInfo, init_distributed, share_from_rank0, shutdown_distributed
 from metabolic.engine.evaluate import evaluate, restore_buffers, sync_buffers
 from metabolic.engine.joules import JouleMeter
 from metabolic.engine.ledger import EnergyLedger
@@ -84,8 +84,8 @@ class Trainer:
         self.is_main = self.info.rank == 0
         torch.manual_seed(cfg.seed)
         self._check_output_dir()
-        self.task = build.build_task(cfg, self.info.device, self.out, self.is_main,
-                                     lambda: dist.barrier(group=self.info.setup_group or self.info.meta_group))
+        self.task = build.build_task(cfg, self.info.device, self.out, build.Setup(
+            self.is_main, lambda obj: share_from_rank0(obj, self.info.setup_group or self.info.meta_group)))
 
         ds_config = build.deepspeed_config(cfg, self.info.world_size)
         model, self._hf_ds_config = build.build_model(cfg, self.task, ds_config)

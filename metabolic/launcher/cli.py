@@ -50,6 +50,7 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         return _error(str(err))
     from metabolic.data.idx import DatasetMissingError
+    from metabolic.data.token_cache import Interrupted
     from metabolic.engine.distributed import DeviceError
     from metabolic.engine.trainer import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, Diverged, Preempted, train
 
@@ -58,6 +59,9 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, DatasetMissingError, DeviceError) as err:
         return _error(str(err))
     except Preempted as err:
+        _say(f"{err}; run again with resume=true")
+        return PREEMPTED_EXIT_CODE
+    except Interrupted as err:  # stopped while preparing the data, before any checkpoint
         _say(f"{err}; run again with resume=true")
         return PREEMPTED_EXIT_CODE
     except Diverged as err:
