@@ -208,6 +208,22 @@ def test_runs_share_a_cache_dir_and_tokenize_once(tmp_path, corpus):
     assert summary(tmp_path / "c")["eval/loss"] == a["eval/loss"]
 
 
+def test_runs_share_a_trained_bpe_tokenizer_through_the_cache_dir(tmp_path, corpus):
+    cache = tmp_path / "cache"
+    args = ("data.text.tokenizer=bpe", "data.text.vocab_size=300", f"data.text.cache_dir={cache}")
+    first = ok(metabolic("train", *lm_args(tmp_path / "a", corpus, *args)))
+    assert "training a BPE tokenizer of 300 ids" in first.stderr
+    second = ok(metabolic("train", *lm_args(tmp_path / "b", corpus, *args)))
+    assert "using the BPE tokenizer trained on this corpus before" in second.stderr
+    assert "training a BPE" not in second.stderr and "tokenizing" not in second.stderr
+    a, b = (tmp_path / r / "tokenizer" / "tokenizer.json" for r in "ab")
+    assert a.read_text() == b.read_text()  # each run keeps its own copy, for hf_model and resume
+    assert len(list(cache.glob("*.tokens"))) == 1 and len(list(cache.glob("bpe300-*/tokenizer.json"))) == 1
+    assert summary(tmp_path / "a")["eval/loss"] == summary(tmp_path / "b")["eval/loss"]
+    other = ok(metabolic("train", *lm_args(tmp_path / "c", corpus, *args[:1], "data.text.vocab_size=280", *args[2:])))
+    assert "training a BPE tokenizer of 280 ids" in other.stderr and len(list(cache.glob("*.tokens"))) == 2
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_an_unusable_cache_dir_is_a_config_error(tmp_path, corpus, ranks):
     # With two ranks, rank 0 tells rank 1 why it failed: no rank waits for a file that never comes.

@@ -102,8 +102,12 @@ def file_stats(files: Iterable[Path]) -> list[list]:
 def cache_key(source: dict, tokenizer, max_tokens: Optional[int]) -> str:
     """Key of the token file for `source` (corpus description with its file stats) under `tokenizer`."""
     # The end-of-text id and length live in the tokenizer's wrapper, not in its serialised form.
-    desc = {"format": FORMAT, "source": source, "tokenizer": tokenizer_fingerprint(tokenizer),
-            "eot_id": tokenizer.eos_token_id, "vocab_size": len(tokenizer), "max_tokens": max_tokens}
+    return digest({"format": FORMAT, "source": source, "tokenizer": tokenizer_fingerprint(tokenizer),
+                   "eot_id": tokenizer.eos_token_id, "vocab_size": len(tokenizer), "max_tokens": max_tokens})
+
+
+def digest(desc: dict) -> str:
+    """A short stable name for a JSON-able description."""
     return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 from metabolic.data.text import EOT
 from metabolic.engine.config import ConfigError
@@ -33,19 +37,50 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT, unk_token=EOT)
 
 
-def load_or_build_tokenizer(spec: str, vocab_size: int, texts_fn, run_dir: Path, is_main: bool, barrier):
+def _log(msg: str) -> None:
+    print(f"[metabolic] {msg}", file=sys.stderr, flush=True)
+
+
+def _publish(write: Callable[[Path], object], target: Path) -> None:
+    """Write a folder under a temporary name beside `target`, then rename it into place: a
+    half-written tokenizer never passes for one. A target another process published first is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, target)  # replaces an empty folder, not a finished one
+        except OSError:
+            if not (target / "tokenizer.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_or_build_tokenizer(spec: str, vocab_size: int, texts_fn, run_dir: Path, is_main: bool, barrier,
+                            shared: Optional[Path] = None):
     """The run's tokenizer: reuse `run_dir/tokenizer` if present (resume), else build it from `spec`.
 
     spec: "bpe" (trained here by rank 0 and saved for the other ranks and for reuse), "byte",
-    or a local path / hub name for AutoTokenizer.from_pretrained.
+    or a local path / hub name for AutoTokenizer.from_pretrained. shared (rank 0 only): where a
+    BPE tokenizer trained on the same corpus with the same size is kept between runs
+    (data.text.cache_dir); it is copied into the run instead of training again, or put there
+    after training.
     """
     from transformers import AutoTokenizer
 
     saved = run_dir / "tokenizer"
     if spec == "bpe":
         if is_main and not (saved / "tokenizer.json").is_file():
-            saved.mkdir(parents=True, exist_ok=True)
-            train_bpe(texts_fn(), vocab_size).save_pretrained(str(saved))
+            if shared is not None and (shared / "tokenizer.json").is_file():
+                _log(f"using the BPE tokenizer trained on this corpus before, from {shared}")
+                _publish(lambda tmp: shutil.copytree(shared, tmp), saved)
+            else:
+                _log(f"training a BPE tokenizer of {vocab_size} ids on the corpus")
+                bpe = train_bpe(texts_fn(), vocab_size)
+                _publish(lambda tmp: bpe.save_pretrained(str(tmp)), saved)
+                if shared is not None:
+                    _publish(lambda tmp: shutil.copytree(saved, tmp), shared)
         barrier()
         return AutoTokenizer.from_pretrained(str(saved))
     if spec == "byte":

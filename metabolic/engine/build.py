@@ -69,7 +69,8 @@ def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, se
     def bpe_texts() -> Iterable[str]:  # read as BPE trains, not held; a stream may be endless: its head only
         return documents() if not tx.streaming else _head(documents(), BPE_STREAM_CHARS)
 
-    tokenizer = load_or_build_tokenizer(tx.tokenizer, tx.vocab_size, bpe_texts, run_dir, setup.is_main, setup.barrier)
+    tokenizer = load_or_build_tokenizer(tx.tokenizer, tx.vocab_size, bpe_texts, run_dir, setup.is_main, setup.barrier,
+                                        shared_bpe(cfg) if setup.is_main else None)
     # With streaming, stop reading once data.limit training sequences (plus validation) are packed.
     # Without, pack everything: validation stays the corpus's last val_fraction whatever data.limit is.
     cap = None if d.limit is None or not tx.streaming else int(d.limit / (1 - tx.val_fraction)) + 1
@@ -82,6 +83,25 @@ def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, se
     task = LanguageModeling(train, val, vocab_size=len(tokenizer), device=device)
     task.tokenizer = tokenizer
     return task
+
+
+def shared_bpe(cfg: ExperimentConfig) -> Optional[Path]:
+    """Where data.text.cache_dir keeps a BPE tokenizer trained on this corpus at this size (None
+    without a cache_dir or for other tokenizers)."""
+    from metabolic.data.text import corpus_source
+    from metabolic.data.token_cache import digest
+
+    d, tx = cfg.data, cfg.data.text
+    if not tx.cache_dir or tx.tokenizer != "bpe":
+        return None
+    folder = Path(tx.cache_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # now, not after training the tokenizer
+    except OSError as err:
+        raise ConfigError(f"config key 'data.text.cache_dir': cannot create '{folder}' ({err})") from err
+    source = dict(corpus_source(tx.corpus, d.path, d.hf_name, tx.text_key), streaming=tx.streaming,
+                  head_chars=BPE_STREAM_CHARS if tx.streaming else None)
+    return folder / f"bpe{tx.vocab_size}-{digest(source)}"
 
 
 def cached_tokens(cfg: ExperimentConfig, tokenizer, documents: Callable, max_tokens: Optional[int], run_dir: Path,
