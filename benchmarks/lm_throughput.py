@@ -108,7 +108,7 @@ def main() -> None:
 
     from metabolic.engine import build
     from metabolic.engine.config import load_config
-    from metabolic.engine.distributed import init_distributed, share_from_rank0, shutdown_distributed
+    from metabolic.engine.distributed import init_distributed, rank_setup, shutdown_distributed
 
     info = init_distributed()
     base = load_config(args.config, list(args.overrides) + ["data.policy=full", "optimizer.name=adamw"])
@@ -122,7 +122,7 @@ def main() -> None:
     if args.repeats < 1 or args.repeats % 2 == 0:
         raise SystemExit(f"--repeats must be odd and >= 1, got {args.repeats}")
     with tempfile.TemporaryDirectory() as tok_dir:  # rank 0's folder: the tokenizer and token file are shared
-        setup = build.Setup(info.rank == 0, lambda obj: share_from_rank0(obj, info.setup_group))
+        setup = rank_setup(info)
         task = build.build_task(base, info.device, Path(setup.share(tok_dir)), setup)
         need = (args.warmup + args.steps + 1) * base.train.micro_batch_size * info.world_size
         if task.num_train < need:

@@ -119,12 +119,13 @@ def test_streamed_corpus_trains_bpe_on_its_head_and_stops_at_the_limit(tmp_path,
     # once data.limit training sequences (and their validation share) are filled.
     import metabolic.data.tokenizer as tokenizer
     from metabolic.engine import build
+    from metabolic.data import lm_corpus
     from metabolic.engine.config import load_config
 
     seen = []
     real_train_bpe = tokenizer.train_bpe
     monkeypatch.setattr(tokenizer, "train_bpe", lambda texts, size: seen.append(texts) or real_train_bpe(texts, size))
-    monkeypatch.setattr(build, "BPE_STREAM_CHARS", 2000)
+    monkeypatch.setattr(lm_corpus, "BPE_STREAM_CHARS", 2000)
     cfg = load_config(LM_CONFIG, lm_args(tmp_path / "run", corpus, "data.text.corpus=hf", "data.text.streaming=true",
                                          "data.text.tokenizer=bpe", "data.text.vocab_size=300", "data.limit=20")[1:])
     task = build.build_lm_task(cfg, torch.device("cpu"), tmp_path / "run")

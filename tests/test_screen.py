@@ -6,7 +6,7 @@ import torch
 
 from helpers import CONFIG, SMALL, comparable, metabolic, ok, records, stop_at_step, summary, torchrun
 from metabolic.engine.policies import DifficultyDropout, FullData, InfoBatch, PriceThreshold
-from metabolic.engine.trainer import frozen_running_stats
+from metabolic.engine.evaluate import frozen_running_stats
 
 
 def test_screen_rule_is_the_difficulty_rule_outside_revision_epochs():

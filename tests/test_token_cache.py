@@ -129,25 +129,46 @@ def test_key_follows_the_end_of_text_token(tmp_path, corpus):
         token_cache.open_tokens(tmp_path, "k", chat)
 
 
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+open(sys.argv[2], "w").write("half a corpus")  # what a builder killed mid-way leaves
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
 def test_builders_sharing_a_folder_take_turns(tmp_path, corpus, monkeypatch):
+    import subprocess
+    import sys
+
     tok = byte_tokenizer()
     folder, key = tmp_path / "cache", key_of(corpus, tok)
     folder.mkdir()
     lock = token_cache.lock_path(folder, key)
-    lock.write_text("another host pid 1\n")  # a live builder holds the folder
-    monkeypatch.setattr(token_cache, "WAIT_POLL_S", 0.01)
-    looks = []
+    leftover = folder / f"{key}.tokens.tmp-dead"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock), str(leftover)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        monkeypatch.setattr(token_cache, "WAIT_POLL_S", 0.01)
+        looks = []
 
-    def stop_after_three_looks() -> bool:
-        looks.append(1)
-        return len(looks) > 3
+        def stop_after_three_looks() -> bool:
+            looks.append(1)
+            return len(looks) > 3
 
-    docs = lambda: iter_documents("files", str(corpus))  # noqa: E731
-    with pytest.raises(token_cache.Interrupted, match="waiting for"):
-        token_cache.prepare(folder, key, docs, tok, should_stop=stop_after_three_looks)
-    assert lock.exists() and not token_cache.is_built(folder, key)  # the holder's lock is left alone
-    os.utime(lock, (0, 0))  # its holder died long ago: the lock is taken over
+        docs = lambda: iter_documents("files", str(corpus))  # noqa: E731
+        with pytest.raises(token_cache.Interrupted, match="waiting for another process"):
+            token_cache.prepare(folder, key, docs, tok, should_stop=stop_after_three_looks)
+        assert len(looks) == 4 and not token_cache.is_built(folder, key)
+    finally:
+        holder.kill()  # SIGKILL: no cleanup ran, the kernel released its lock
+        holder.wait()
+    assert leftover.exists()
     token_cache.prepare(folder, key, docs, tok)
+    assert not leftover.exists()
     assert token_cache.is_built(folder, key) and not lock.exists()
     first = (folder / f"{key}.tokens").stat().st_ino
     # A builder that finishes after another keeps the first file (runs may have it mapped).
@@ -229,13 +250,15 @@ def test_an_unusable_cache_dir_is_a_config_error(tmp_path, corpus, ranks):
     # With two ranks, rank 0 tells rank 1 why it failed: no rank waits for a file that never comes.
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    args = lm_args(tmp_path / "run", corpus, f"data.text.cache_dir={blocker}/cache")
+    tokenizer = "byte" if ranks == 1 else "bpe"  # bpe: rank 0 fails before tokenizing, while it prepares BPE
+    args = lm_args(tmp_path / "run", corpus, f"data.text.cache_dir={blocker}/cache", f"data.text.tokenizer={tokenizer}",
+                   "data.text.vocab_size=300")
     proc = metabolic("train", *args) if ranks == 1 else torchrun(2, "-m", "metabolic", "train", *args, timeout=300)
     assert proc.returncode != 0 and "data.text.cache_dir" in proc.stderr, proc.stderr[-3000:]
     if ranks == 1:
         assert proc.returncode == 2
     else:
-        assert "rank 0 could not tokenize the corpus: ConfigError" in proc.stderr
+        assert "rank 0 could not prepare the data: ConfigError: config key 'data.text.cache_dir'" in proc.stderr
     assert blocker.read_text() == "not a folder"
 
 
@@ -250,12 +273,15 @@ def test_ranks_wait_for_rank_0_past_the_collective_timeout():
     assert float(lines[3].split("after ")[1].split(" s")[0]) >= 4.5  # it did wait out rank 0's 5 s
 
 
-def test_a_stop_signal_while_tokenizing_exits_for_a_resume(tmp_path):
-    # SLURM's preemption notice during a long tokenization: exit 75 (requeue and resume), leaving
-    # neither a partial file nor a lock nor an empty run folder; the resumed run tokenizes again.
+@pytest.mark.parametrize("signals", ["USR1", "INT INT"])
+def test_a_stop_signal_while_tokenizing_exits_for_a_resume(tmp_path, signals):
+    # SLURM's preemption notice, or Ctrl-C delivered twice at once by a launcher, during a long
+    # tokenization: exit 75, leaving neither a partial file nor a lock nor an empty run folder;
+    # the run started again tokenizes again.
     import signal
     import subprocess
     import sys
+    import time
 
     from helpers import env
 
@@ -273,7 +299,9 @@ def test_a_stop_signal_while_tokenizing_exits_for_a_resume(tmp_path):
         for line in proc.stderr:
             seen.append(line)
             if "tokenizing the files corpus" in line:
-                proc.send_signal(signal.SIGUSR1)
+                for name in signals.split():
+                    proc.send_signal(getattr(signal, f"SIG{name}"))
+                    time.sleep(0.05)
                 break
         rest = proc.communicate(timeout=120)[1]
     finally:

@@ -10,22 +10,22 @@ copy in the page cache, and a resumed or requeued run starts at once.
 A file is named by a key over everything that decides its content: the corpus, the size and
 modification time of each of its files, the tokenizer (its serialised vocabulary and merges)
 and, for a streamed corpus, how many tokens were read. Sequences of any length are cut from the
-same file. A build writes under a temporary name and renames when done, so an interrupted build
-leaves nothing that could pass for a finished file. Runs sharing a folder take turns through a
-lock file: one tokenizes, the others wait for its file; a finished file is never replaced (other
-runs may have it mapped).
+same file. A build writes under a temporary name and links it into place when done, so an
+interrupted build leaves nothing that could pass for a finished file. Runs sharing a folder take
+turns through a file lock: one tokenizes, the others wait for its file; a finished file is never
+replaced (other runs may have it mapped).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -42,36 +42,12 @@ WRITE_TOKENS = 1 << 20
 """Tokens buffered before each write."""
 DOCS_PER_CALL = 64
 """Documents per tokenizer call (fast tokenizers encode a batch on several threads)."""
-LOCK_STALE_S = 600.0
-"""A lock its builder has not refreshed for this long belongs to a process that died."""
 WAIT_POLL_S = 5.0
 """Seconds between looks at a folder where another process is tokenizing."""
 
 
 class Interrupted(Exception):
-    """A stop signal arrived while the corpus was being prepared; the run can start again."""
-
-
-@contextlib.contextmanager
-def stop_requests() -> Iterator[Callable[[], bool]]:
-    """While data is prepared: SIGUSR1 (SLURM's preemption notice), SIGTERM and a first Ctrl-C set
-    a flag that long work polls (the trainer's own handlers come later); a second Ctrl-C quits."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag.is_set
-        return
-
-    def on_signal(signum, frame) -> None:
-        if signum == signal.SIGINT and flag.is_set():
-            raise KeyboardInterrupt
-        flag.set()
-
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield flag.is_set
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+    """A stop signal arrived while the corpus was being prepared; nothing half-made was kept."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -133,65 +109,55 @@ def _log(msg: str) -> None:
 def prepare(folder: Path, key: str, documents: Callable[[], Iterable[str]], tokenizer,
             max_tokens: Optional[int] = None, describe: str = "corpus",
             should_stop: Callable[[], bool] = lambda: False) -> None:
-    """Make sure the finished token file for `key` is in `folder`: build it under the folder's
-    lock, or wait while another process holds the lock (taking over a stale one)."""
+    """Make sure the finished token file for `key` is in `folder`: build it while holding the
+    folder's lock for `key`, or wait while another process holds it."""
     folder.mkdir(parents=True, exist_ok=True)
-    lock, waited = lock_path(folder, key), None
-    while not is_built(folder, key):
-        if _take(lock):
-            alive = threading.Event()
-            beat = threading.Thread(target=_heartbeat, args=(lock, alive), daemon=True)
-            beat.start()
-            try:
-                if not is_built(folder, key):
-                    build(folder, key, documents(), tokenizer, max_tokens, describe, should_stop)
-            finally:
-                alive.set()
-                beat.join()
-                lock.unlink(missing_ok=True)
-            return
-        if should_stop():
-            raise Interrupted(f"stopped while waiting for {lock} (another process tokenizing {describe})")
-        now = time.monotonic()
-        if waited is None or now - waited >= 60:
-            waited = now
-            _log(f"waiting for another process tokenizing {describe} (lock {lock}: {_read(lock)})")
+    if is_built(folder, key):
+        return
+    with _locked(lock_path(folder, key), should_stop, describe):
+        if not is_built(folder, key):
+            for old in folder.glob(f"{key}.*.tmp-*"):  # left by a builder that was killed (it held this lock)
+                old.unlink(missing_ok=True)
+            build(folder, key, documents(), tokenizer, max_tokens, describe, should_stop)
+
+
+@contextlib.contextmanager
+def _locked(lock: Path, should_stop: Callable[[], bool], describe: str) -> Iterator[None]:
+    """Hold an exclusive fcntl lock on `lock`: released by the kernel when the holder dies, so no
+    lock outlives its process (on NFS, through its lock manager). The holder removes the file
+    before releasing it; a waiter that then holds the removed file's lock tries again."""
+    waited = None
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if time.time() - lock.stat().st_mtime > LOCK_STALE_S:
-                _log(f"taking over the stale lock {lock} (not refreshed for {LOCK_STALE_S:.0f} s)")
-                lock.unlink(missing_ok=True)
-                continue
-        except FileNotFoundError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno == errno.ENOLCK:  # a file system without locks: go on without (publishing is still safe)
+                _log(f"no file locks on the file system of {lock}; tokenizing without taking turns")
+                yield
+                return
+            if should_stop():
+                raise Interrupted(f"stopped while waiting for another process tokenizing {describe}") from None
+            if waited is None or time.monotonic() - waited >= 60:
+                waited = time.monotonic()
+                _log(f"waiting for another process tokenizing {describe} (it holds {lock})")
+            time.sleep(WAIT_POLL_S)
             continue
-        time.sleep(WAIT_POLL_S)
-
-
-def _take(lock: Path) -> bool:
-    """Create `lock` if no one holds it (exclusive create, atomic also on NFS v3 and later)."""
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    return True
-
-
-def _heartbeat(lock: Path, done: threading.Event) -> None:
-    """Refresh the lock's time while its holder works (a dataset may take long to open before
-    the first document arrives), so waiters do not take it over."""
-    while not done.wait(LOCK_STALE_S / 10):
         try:
-            lock.touch()
-        except OSError:
-            return
-
-
-def _read(lock: Path) -> str:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
     try:
-        return lock.read_text().strip()
-    except OSError:
-        return "gone"
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def build(folder: Path, key: str, documents: Iterable[str], tokenizer, max_tokens: Optional[int] = None,
@@ -231,8 +197,7 @@ def build(folder: Path, key: str, documents: Iterable[str], tokenizer, max_token
                     _log(f"tokenizing {describe}: {docs:,} documents, {total + buffered:,} tokens "
                          f"({rate:,.0f} tokens/s)")
             total += _write(f, pending, dtype)
-        if not tokens_path.exists():  # else another builder finished first: runs may have its file mapped
-            os.replace(tmp, tokens_path)
+        _publish(tmp, tokens_path)
     finally:
         tmp.unlink(missing_ok=True)
     record = {"format": FORMAT, "dtype": dtype.name, "num_tokens": total, "documents": docs,
@@ -240,12 +205,24 @@ def build(folder: Path, key: str, documents: Iterable[str], tokenizer, max_token
               "seconds": round(time.monotonic() - start, 3)}
     tmp_record = record_path.with_name(f"{record_path.name}.tmp-{uuid.uuid4().hex[:12]}")
     tmp_record.write_text(json.dumps(record, indent=2) + "\n")
-    if record_path.exists():
-        tmp_record.unlink()
-        return json.loads(record_path.read_text())
-    os.replace(tmp_record, record_path)
+    try:
+        _publish(tmp_record, record_path)
+    finally:
+        tmp_record.unlink(missing_ok=True)
     _log(f"tokenized {describe}: {docs:,} documents, {total:,} tokens in {record['seconds']:.1f} s")
     return record
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Give `tmp` the name `final` unless a file has it already: a finished file is never replaced
+    (runs may have it mapped; on NFS a replaced file's pages go stale under them)."""
+    try:
+        os.link(tmp, final)  # fails, atomically, when `final` exists
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links
+        if not final.exists():
+            os.replace(tmp, final)
 
 
 def _encoded(documents: Iterable[str], tokenizer) -> Iterable[Sequence[int]]:

@@ -57,32 +57,35 @@ def _publish(write: Callable[[Path], object], target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_or_build_tokenizer(spec: str, vocab_size: int, texts_fn, run_dir: Path, is_main: bool, barrier,
-                            shared: Optional[Path] = None):
-    """The run's tokenizer: reuse `run_dir/tokenizer` if present (resume), else build it from `spec`.
+def prepare_bpe(vocab_size: int, texts_fn: Callable[[], Iterable[str]], run_dir: Path,
+                shared: Optional[Path] = None) -> None:
+    """Rank 0: make sure the run has its BPE tokenizer in `run_dir/tokenizer` (kept on resume).
 
-    spec: "bpe" (trained here by rank 0 and saved for the other ranks and for reuse), "byte",
-    or a local path / hub name for AutoTokenizer.from_pretrained. shared (rank 0 only): where a
-    BPE tokenizer trained on the same corpus with the same size is kept between runs
-    (data.text.cache_dir); it is copied into the run instead of training again, or put there
-    after training.
+    shared: where a BPE tokenizer trained on the same corpus with the same size is kept between
+    runs (data.text.cache_dir); it is copied into the run instead of training again, or put
+    there after training.
     """
+    saved = run_dir / "tokenizer"
+    if (saved / "tokenizer.json").is_file():
+        return
+    if shared is not None and (shared / "tokenizer.json").is_file():
+        _log(f"using the BPE tokenizer trained on this corpus before, from {shared}")
+        _publish(lambda tmp: shutil.copytree(shared, tmp), saved)
+        return
+    _log(f"training a BPE tokenizer of {vocab_size} ids on the corpus")
+    bpe = train_bpe(texts_fn(), vocab_size)
+    _publish(lambda tmp: bpe.save_pretrained(str(tmp)), saved)
+    if shared is not None:
+        _publish(lambda tmp: shutil.copytree(saved, tmp), shared)
+
+
+def load_tokenizer(spec: str, run_dir: Path):
+    """The run's tokenizer. spec: "bpe" (the one prepare_bpe put in `run_dir/tokenizer`), "byte",
+    or a local path / hub name for AutoTokenizer.from_pretrained."""
     from transformers import AutoTokenizer
 
-    saved = run_dir / "tokenizer"
     if spec == "bpe":
-        if is_main and not (saved / "tokenizer.json").is_file():
-            if shared is not None and (shared / "tokenizer.json").is_file():
-                _log(f"using the BPE tokenizer trained on this corpus before, from {shared}")
-                _publish(lambda tmp: shutil.copytree(shared, tmp), saved)
-            else:
-                _log(f"training a BPE tokenizer of {vocab_size} ids on the corpus")
-                bpe = train_bpe(texts_fn(), vocab_size)
-                _publish(lambda tmp: bpe.save_pretrained(str(tmp)), saved)
-                if shared is not None:
-                    _publish(lambda tmp: shutil.copytree(saved, tmp), shared)
-        barrier()
-        return AutoTokenizer.from_pretrained(str(saved))
+        return AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     if spec == "byte":
         return byte_tokenizer()
     try:

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
+from metabolic.data.idx import DatasetMissingError
 from metabolic.engine.config import LM_MODELS, ConfigError, ExperimentConfig
+from metabolic.engine.rank_setup import RankSetup
 
 
-@dataclass
-class Setup:
-    """How the ranks prepare data together: rank 0 does the one-off work (training a tokenizer,
-    tokenizing a corpus) and shares its outcome; the other ranks wait for it."""
-
-    is_main: bool = True
-    """This process is rank 0."""
-    share: Callable[[Any], Any] = lambda obj: obj
-    """Rank 0's object on every rank; every rank calls it and the others wait for rank 0."""
-
-    def barrier(self) -> None:
-        self.share(None)
-
-
-def build_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, setup: Setup = Setup()):
+def build_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, setup: RankSetup = RankSetup()):
     """The training task and its data (raises DatasetMissingError with instructions)."""
     if cfg.model.name in LM_MODELS:
         return build_lm_task(cfg, device, run_dir, setup)
@@ -40,116 +25,22 @@ def build_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, setup
     return ImageClassification(train, test, augment=cfg.data.augment, device=device, dtype=dtype)
 
 
-BPE_STREAM_CHARS = 50_000_000  # text a streamed corpus's BPE tokenizer is trained on (its first documents)
-
-
-def _head(docs, max_chars: int) -> list[str]:
-    """The first documents of `docs`, up to about max_chars characters."""
-    out, total = [], 0
-    for doc in docs:
-        out.append(doc)
-        total += len(doc)
-        if total >= max_chars:
-            break
-    return out
-
-
-def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, setup: Setup = Setup()):
-    """Corpus -> tokenizer (trained once and saved in the run) -> packed train/validation sequences."""
-    from metabolic.data.text import iter_documents, split_train_val
-    from metabolic.data.token_cache import TokenRows
-    from metabolic.data.tokenizer import load_or_build_tokenizer
+def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, setup: RankSetup = RankSetup()):
+    """Corpus -> tokenizer and token file (prepared once, by rank 0) -> packed train/validation rows."""
+    from metabolic.data import lm_corpus
     from metabolic.engine.task import LanguageModeling
 
-    d, tx = cfg.data, cfg.data.text
-
-    def documents():
-        return iter_documents(tx.corpus, d.path, d.hf_name, tx.text_key, tx.streaming)
-
-    def bpe_texts() -> Iterable[str]:  # read as BPE trains, not held; a stream may be endless: its head only
-        return documents() if not tx.streaming else _head(documents(), BPE_STREAM_CHARS)
-
-    tokenizer = load_or_build_tokenizer(tx.tokenizer, tx.vocab_size, bpe_texts, run_dir, setup.is_main, setup.barrier,
-                                        shared_bpe(cfg) if setup.is_main else None)
-    # With streaming, stop reading once data.limit training sequences (plus validation) are packed.
-    # Without, pack everything: validation stays the corpus's last val_fraction whatever data.limit is.
-    cap = None if d.limit is None or not tx.streaming else int(d.limit / (1 - tx.val_fraction)) + 1
-    stream = cached_tokens(cfg, tokenizer, documents, None if cap is None else cap * tx.seq_len, run_dir, setup)
-    train, val = split_train_val(TokenRows.pack(stream, tx.seq_len, cap), tx.val_fraction)
-    if d.limit is not None:
-        train = train[: d.limit]
-    if d.eval_limit is not None:
-        val = val[: d.eval_limit]
+    key = setup.on_rank0(lambda: lm_corpus.prepare(cfg, run_dir, setup.should_stop))
+    loaded, problem = None, None
+    try:
+        loaded = lm_corpus.load(cfg, run_dir, key)
+    except Exception as err:  # every rank must hear of it, or the others wait in their next collective
+        problem = str(err) if isinstance(err, (ConfigError, DatasetMissingError)) else f"{type(err).__name__}: {err}"
+    setup.agree(problem)
+    tokenizer, train, val = loaded
     task = LanguageModeling(train, val, vocab_size=len(tokenizer), device=device)
     task.tokenizer = tokenizer
     return task
-
-
-def shared_bpe(cfg: ExperimentConfig) -> Optional[Path]:
-    """Where data.text.cache_dir keeps a BPE tokenizer trained on this corpus at this size (None
-    without a cache_dir or for other tokenizers)."""
-    from metabolic.data.text import corpus_source
-    from metabolic.data.token_cache import digest
-
-    d, tx = cfg.data, cfg.data.text
-    if not tx.cache_dir or tx.tokenizer != "bpe":
-        return None
-    folder = Path(tx.cache_dir).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)  # now, not after training the tokenizer
-    except OSError as err:
-        raise ConfigError(f"config key 'data.text.cache_dir': cannot create '{folder}' ({err})") from err
-    source = dict(corpus_source(tx.corpus, d.path, d.hf_name, tx.text_key), streaming=tx.streaming,
-                  head_chars=BPE_STREAM_CHARS if tx.streaming else None)
-    return folder / f"bpe{tx.vocab_size}-{digest(source)}"
-
-
-def cached_tokens(cfg: ExperimentConfig, tokenizer, documents: Callable, max_tokens: Optional[int], run_dir: Path,
-                  setup: Setup):
-    """The corpus's flat token stream, memory-mapped from the token cache. Rank 0 finds or builds
-    the file and shares its key (or why it failed or stopped); every rank opens that file."""
-    from metabolic.data import token_cache
-    from metabolic.data.idx import DatasetMissingError
-    from metabolic.data.text import corpus_source
-
-    d, tx = cfg.data, cfg.data.text
-    folder = Path(tx.cache_dir).expanduser() if tx.cache_dir else run_dir / "tokens"
-    config_key = "data.text.cache_dir" if tx.cache_dir else "output_dir"
-    with token_cache.stop_requests() as should_stop:
-        outcome: dict = {}
-        if setup.is_main:
-            made = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again if nothing is built
-            try:
-                try:
-                    folder.mkdir(parents=True, exist_ok=True)
-                except OSError as err:
-                    raise ConfigError(f"config key '{config_key}': cannot create '{folder}' ({err})") from err
-                source = dict(corpus_source(tx.corpus, d.path, d.hf_name, tx.text_key), streaming=tx.streaming)
-                key = token_cache.cache_key(source, tokenizer, max_tokens)
-                where = f" at {d.path}" if d.path else (f" {d.hf_name}" if d.hf_name else "")
-                token_cache.prepare(folder, key, documents, tokenizer, max_tokens, f"the {tx.corpus} corpus{where}",
-                                    should_stop)
-                outcome = {"key": key}
-                if should_stop():  # too late to stop the build, in time to stop the run
-                    outcome["stopped"] = "a stop signal arrived while the corpus was tokenized (the file is kept)"
-            except token_cache.Interrupted as err:
-                outcome = {"stopped": str(err)}
-            except BaseException as err:
-                setup.share({"error": f"{type(err).__name__}: {err}"})
-                raise
-            finally:
-                for p in made:  # deepest first; only empty folders go
-                    with contextlib.suppress(OSError):
-                        p.rmdir()
-        outcome = setup.share(outcome)
-    if "stopped" in outcome:
-        raise token_cache.Interrupted(outcome["stopped"])
-    if "error" in outcome:
-        raise DatasetMissingError(f"rank 0 could not tokenize the corpus: {outcome['error']}")
-    if not token_cache.is_built(folder, outcome["key"]):
-        raise DatasetMissingError(f"config key '{config_key}': rank 0 tokenized the corpus into '{folder}', which this "
-                                  "rank does not see; use a folder every machine shares")
-    return token_cache.open_tokens(folder, outcome["key"], tokenizer)
 
 
 def build_model(cfg: ExperimentConfig, task, ds_config: dict) -> tuple[nn.Module, object]:

@@ -142,7 +142,7 @@ class TrainConfig:
     """Show a progress bar on rank 0."""
     collective_timeout_s: Optional[float] = None
     """Seconds a rank waits in a collective for the others before the run fails (null: DeepSpeed's
-    default, 10 minutes or DEEPSPEED_TIMEOUT); raise it when a large model's checkpoints write slowly."""
+    default, 10 minutes or DEEPSPEED_TIMEOUT minutes); raise it when a large model's checkpoints write slowly."""
 
 
 @dataclass

@@ -74,10 +74,11 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+    # DeepSpeed's default (10 minutes, or DEEPSPEED_TIMEOUT) for every group, the metadata one included.
+    timeout = timedelta(minutes=int(os.getenv("DEEPSPEED_TIMEOUT", "10"))) if timeout_s is None else timedelta(
+        seconds=timeout_s)
     if not dist.is_initialized():
-        extra = {} if timeout is None else {"timeout": timeout}
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **extra)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     meta = dist.new_group(backend="gloo", timeout=timeout)
     setup = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, meta, setup)
@@ -90,6 +91,24 @@ def share_from_rank0(obj, group=None):
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
+
+
+def gather_objects(obj, group=None) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def rank_setup(info: DistInfo, should_stop=lambda: False):
+    """This rank's RankSetup: rank 0's one-off data preparation waits in the setup group."""
+    from metabolic.engine.rank_setup import RankSetup
+
+    group = info.setup_group or info.meta_group
+    return RankSetup(info.rank == 0, lambda obj: share_from_rank0(obj, group), lambda obj: gather_objects(obj, group),
+                     should_stop)
 
 
 def shutdown_distributed() -> None:

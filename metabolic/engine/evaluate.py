@@ -1,7 +1,9 @@
-"""Evaluation on the test (or validation) split, sharded equally over ranks."""
+"""Evaluation on the test (or validation) split, sharded equally over ranks; BatchNorm statistics
+across ranks and around screening forwards."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -56,3 +58,20 @@ def evaluate(engine, task, batch_size: int, rank: int, world_size: int, group=No
     if world_size > 1:
         dist.all_reduce(sums, group=group)
     return task.eval_metrics(sums.tolist())
+
+
+@contextlib.contextmanager
+def frozen_running_stats(module: torch.nn.Module):
+    """Train-mode forwards inside leave BatchNorm running statistics as they were (a screening
+    forward must not count a batch twice)."""
+    saved = []
+    for mod in module.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
+            saved.append((mod, mod.momentum, mod.num_batches_tracked.clone()))
+            mod.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for mod, momentum, tracked in saved:
+            mod.momentum = momentum
+            mod.num_batches_tracked.copy_(tracked)

@@ -7,7 +7,6 @@ log, evaluate, checkpoint and check for preemption.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -25,33 +24,17 @@ from metabolic.engine import build, checkpoint
 from metabolic.engine.controller import build_controller
 from metabolic.engine.config import ConfigError, ExperimentConfig, to_dict, to_yaml
 from metabolic.engine.data_service import DataService, EpochPlan, epoch_generator
-from metabolic.engine.distributed import DistInfo, init_distributed, share_from_rank0, shutdown_distributed
-from metabolic.engine.evaluate import evaluate, restore_buffers, sync_buffers
+from metabolic.engine.distributed import DistInfo, init_distributed, rank_setup, shutdown_distributed
+from metabolic.engine.evaluate import evaluate, frozen_running_stats, restore_buffers, sync_buffers
 from metabolic.engine.joules import JouleMeter
 from metabolic.engine.ledger import EnergyLedger
 from metabolic.engine.metrics import MetricsWriter, Progress, truncate_after
 from metabolic.engine.policies import build_policy
 
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)  # SLURM's preemption notice, kill, Ctrl-C
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved, run again with resume=true
 SECOND_CTRL_C_S = 1.0  # a Ctrl-C this long after the first quits without a checkpoint
 DIVERGED_EXIT_CODE = 65  # EX_DATAERR: the loss or the weights stopped being finite
-
-
-@contextlib.contextmanager
-def frozen_running_stats(module: torch.nn.Module):
-    """Train-mode forwards inside leave BatchNorm running statistics as they were (a screening
-    forward must not count a batch twice)."""
-    saved = []
-    for mod in module.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
-            saved.append((mod, mod.momentum, mod.num_batches_tracked.clone()))
-            mod.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
-    try:
-        yield
-    finally:
-        for mod, momentum, tracked in saved:
-            mod.momentum = momentum
-            mod.num_batches_tracked.copy_(tracked)
 
 
 class Preempted(Exception):
@@ -76,16 +59,28 @@ class Trainer:
     """Builds a run from an ExperimentConfig and trains it."""
 
     def __init__(self, cfg: ExperimentConfig, dist_info: Optional[DistInfo] = None) -> None:
-        import deepspeed
-
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.info = dist_info or init_distributed(cfg.train.collective_timeout_s)
         self.is_main = self.info.rank == 0
+        self._stop_requested = False
+        self._first_sigint: Optional[float] = None  # monotonic time of the first Ctrl-C
+        # Stop signals are caught from here on: preparing an LM corpus may take hours (it polls the
+        # flag), and a stop that comes later, before the first step, takes effect after it.
+        self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        try:
+            self._build(cfg)
+        except BaseException:
+            self._restore_signals()
+            raise
+
+    def _build(self, cfg: ExperimentConfig) -> None:
+        import deepspeed
+
         torch.manual_seed(cfg.seed)
         self._check_output_dir()
-        self.task = build.build_task(cfg, self.info.device, self.out, build.Setup(
-            self.is_main, lambda obj: share_from_rank0(obj, self.info.setup_group or self.info.meta_group)))
+        self.task = build.build_task(cfg, self.info.device, self.out,
+                                     rank_setup(self.info, lambda: self._stop_requested))
 
         ds_config = build.deepspeed_config(cfg, self.info.world_size)
         model, self._hf_ds_config = build.build_model(cfg, self.task, ds_config)
@@ -107,9 +102,6 @@ class Trainer:
         self.metrics = MetricsWriter(self.out, enabled=self.is_main)
         self.history: list[dict] = []  # per-epoch plan figures
         self._last: dict = {}
-        self._stop_requested = False
-        self._first_sigint: Optional[float] = None  # monotonic time of the first Ctrl-C
-        self._old_handlers: dict = {}  # restored when run() ends, so a later Trainer is not haunted
 
     # -- setup -----------------------------------------------------------------------------------
     def _check_output_dir(self) -> None:
@@ -120,7 +112,7 @@ class Trainer:
                               "continue it or choose another output_dir")
 
     def _start(self) -> None:
-        """Restore a checkpoint when resuming, write config.yaml, install signal handlers."""
+        """Restore a checkpoint when resuming, write config.yaml."""
         if self.is_main:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -132,8 +124,6 @@ class Trainer:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
         if self.is_main:
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
-        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         self.ledger.start_clock()
 
     def _restore(self) -> None:
@@ -212,9 +202,13 @@ class Trainer:
             if progress is not None:
                 progress.close()
             self.metrics.close()
-            for sig, handler in self._old_handlers.items():
-                signal.signal(sig, handler)
+            self._restore_signals()
         return summary
+
+    def _restore_signals(self) -> None:
+        """Put back the handlers from before this Trainer, so a later one is not haunted."""
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
 
     def _reprice_empty(self, plan: EpochPlan) -> EpochPlan:
         """An epoch plan that keeps no sample, with budget left, is re-priced and planned again."""

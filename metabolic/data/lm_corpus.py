@@ -1,0 +1,110 @@
+"""A language-model corpus made ready for training: its tokenizer and its token file.
+
+Rank 0 prepares both once (`prepare`: trains a BPE tokenizer or takes one from the cache, and
+tokenizes the corpus into the token cache); every rank then loads the tokenizer and
+memory-maps the file (`load`). Validation is the last `val_fraction` of the packed sequences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+from metabolic.data import token_cache
+from metabolic.data.idx import DatasetMissingError
+from metabolic.data.text import corpus_source, iter_documents, split_train_val
+from metabolic.data.token_cache import TokenRows
+from metabolic.data.tokenizer import load_tokenizer, prepare_bpe
+from metabolic.engine.config import ConfigError, ExperimentConfig
+
+BPE_STREAM_CHARS = 50_000_000
+"""Text a streamed corpus's BPE tokenizer is trained on (its first documents)."""
+VISIBLE_WAIT_S = 10.0
+"""How long a rank looks for the file rank 0 finished (a network file system may show it late)."""
+
+
+def documents(cfg: ExperimentConfig) -> Iterator[str]:
+    d, tx = cfg.data, cfg.data.text
+    return iter_documents(tx.corpus, d.path, d.hf_name, tx.text_key, tx.streaming)
+
+
+def _head(docs: Iterable[str], max_chars: int) -> list[str]:
+    """The first documents of `docs`, up to about max_chars characters."""
+    out, total = [], 0
+    for doc in docs:
+        out.append(doc)
+        total += len(doc)
+        if total >= max_chars:
+            break
+    return out
+
+
+def sequence_cap(cfg: ExperimentConfig) -> Optional[int]:
+    """With streaming, reading stops once data.limit training sequences (plus validation) are packed.
+    Without, everything is packed: validation stays the corpus's last val_fraction whatever the limit."""
+    d, tx = cfg.data, cfg.data.text
+    return None if d.limit is None or not tx.streaming else int(d.limit / (1 - tx.val_fraction)) + 1
+
+
+def token_folder(cfg: ExperimentConfig, run_dir: Path) -> tuple[Path, str]:
+    """(folder of the token file, the config key that names it)."""
+    tx = cfg.data.text
+    return (Path(tx.cache_dir).expanduser(), "data.text.cache_dir") if tx.cache_dir else (run_dir / "tokens",
+                                                                                          "output_dir")
+
+
+def prepare(cfg: ExperimentConfig, run_dir: Path, should_stop: Callable[[], bool] = lambda: False) -> str:
+    """Rank 0: the run's tokenizer and the corpus's token file, made when missing; returns the
+    file's key. Folders it made for a file that was not finished are removed again (not a
+    shared cache_dir, which other runs may be creating at the same time)."""
+    d, tx = cfg.data, cfg.data.text
+    folder, config_key = token_folder(cfg, run_dir)
+    made = [] if tx.cache_dir else [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)  # now, not after training a tokenizer
+        except OSError as err:
+            raise ConfigError(f"config key '{config_key}': cannot create '{folder}' ({err})") from err
+        source = dict(corpus_source(tx.corpus, d.path, d.hf_name, tx.text_key), streaming=tx.streaming)
+        if tx.tokenizer == "bpe":
+            texts = (lambda: documents(cfg)) if not tx.streaming else (lambda: _head(documents(cfg), BPE_STREAM_CHARS))
+            shared = None  # a trained BPE is kept per corpus and size in a cache_dir
+            if tx.cache_dir:
+                head = BPE_STREAM_CHARS if tx.streaming else None
+                shared = folder / f"bpe{tx.vocab_size}-{token_cache.digest(dict(source, head_chars=head))}"
+            prepare_bpe(tx.vocab_size, texts, run_dir, shared)
+        tokenizer = load_tokenizer(tx.tokenizer, run_dir)
+        cap = sequence_cap(cfg)
+        max_tokens = None if cap is None else cap * tx.seq_len
+        key = token_cache.cache_key(source, tokenizer, max_tokens)
+        where = f" at {d.path}" if d.path else (f" {d.hf_name}" if d.hf_name else "")
+        token_cache.prepare(folder, key, lambda: documents(cfg), tokenizer, max_tokens,
+                            f"the {tx.corpus} corpus{where}", should_stop)
+        return key
+    finally:
+        for p in made:  # deepest first; only empty folders go
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+def load(cfg: ExperimentConfig, run_dir: Path, key: str):
+    """Every rank: (tokenizer, train rows, validation rows) from what rank 0 prepared under `key`."""
+    d, tx = cfg.data, cfg.data.text
+    folder, config_key = token_folder(cfg, run_dir)
+    deadline = time.monotonic() + VISIBLE_WAIT_S
+    while not token_cache.is_built(folder, key):
+        if time.monotonic() > deadline:
+            raise DatasetMissingError(f"config key '{config_key}': rank 0 tokenized the corpus into '{folder}', "
+                                      "which this rank does not see; use a folder every machine shares")
+        time.sleep(0.5)
+    tokenizer = load_tokenizer(tx.tokenizer, run_dir)
+    cap = sequence_cap(cfg)
+    train, val = split_train_val(TokenRows.pack(token_cache.open_tokens(folder, key, tokenizer), tx.seq_len, cap),
+                                 tx.val_fraction)
+    if d.limit is not None:
+        train = train[: d.limit]
+    if d.eval_limit is not None:
+        val = val[: d.eval_limit]
+    return tokenizer, train, val
