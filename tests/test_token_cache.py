@@ -311,3 +311,29 @@ def test_a_stop_signal_while_tokenizing_exits_for_a_resume(tmp_path, signals):
     assert not out.exists()  # nothing was written: no partial token file, no lock, no empty folders
     ok(metabolic("train", *args, "resume=true"))
     assert len(list((out / "tokens").glob("*.tokens"))) == 1 and summary(out)["step"] == 2
+
+
+def test_rank_setup_passes_rank_0s_outcome_to_every_rank():
+    # The protocol alone (the 2-rank runs above carry it over real gloo): what rank 0 shares is
+    # what every other rank returns or raises, and the other ranks never run the work.
+    from metabolic.data.idx import DatasetMissingError
+    from metabolic.engine.rank_setup import RankSetup
+
+    def never():
+        raise AssertionError("only rank 0 works")
+
+    assert RankSetup(False, share=lambda obj: {"value": 7}).on_rank0(never) == 7
+    with pytest.raises(DatasetMissingError, match="rank 0 could not prepare the data: ConfigError: bad key"):
+        RankSetup(False, share=lambda obj: {"error": "ConfigError: bad key"}).on_rank0(never)
+    with pytest.raises(token_cache.Interrupted, match="stopped while tokenizing"):
+        RankSetup(False, share=lambda obj: {"stopped": "stopped while tokenizing"}).on_rank0(never)
+    sent = []
+    with pytest.raises(ValueError):
+        RankSetup(True, share=lambda obj: sent.append(obj) or obj).on_rank0(lambda: int("x"))
+    assert sent == [{"error": "ValueError: invalid literal for int() with base 10: 'x'"}]
+    assert RankSetup(True, share=lambda obj: sent.append(obj) or obj).on_rank0(lambda: "key") == "key"
+    RankSetup(gather=lambda obj: [None, None]).agree(None)  # nobody has a problem
+    with pytest.raises(DatasetMissingError, match="^rank 1: no file here$"):
+        RankSetup(gather=lambda obj: [None, "no file here"]).agree(None)
+    with pytest.raises(DatasetMissingError, match="^mine$"):
+        RankSetup(gather=lambda obj: ["first", "mine"]).agree("mine")

@@ -114,18 +114,19 @@ def prepare(folder: Path, key: str, documents: Callable[[], Iterable[str]], toke
     folder.mkdir(parents=True, exist_ok=True)
     if is_built(folder, key):
         return
-    with _locked(lock_path(folder, key), should_stop, describe):
+    with _locked(lock_path(folder, key), should_stop, describe) as held:
         if not is_built(folder, key):
-            for old in folder.glob(f"{key}.*.tmp-*"):  # left by a builder that was killed (it held this lock)
+            for old in folder.glob(f"{key}.*.tmp-*") if held else ():  # a killed builder's (it held this lock)
                 old.unlink(missing_ok=True)
             build(folder, key, documents(), tokenizer, max_tokens, describe, should_stop)
 
 
 @contextlib.contextmanager
-def _locked(lock: Path, should_stop: Callable[[], bool], describe: str) -> Iterator[None]:
-    """Hold an exclusive fcntl lock on `lock`: released by the kernel when the holder dies, so no
-    lock outlives its process (on NFS, through its lock manager). The holder removes the file
-    before releasing it; a waiter that then holds the removed file's lock tries again."""
+def _locked(lock: Path, should_stop: Callable[[], bool], describe: str) -> Iterator[bool]:
+    """Hold an exclusive fcntl lock on `lock` (yields True; False on a file system without locks):
+    released by the kernel when the holder dies, so no lock outlives its process (on NFS, through
+    its lock manager). The holder removes the file before releasing it; a waiter that then holds
+    the removed file's lock tries again."""
     waited = None
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -135,7 +136,7 @@ def _locked(lock: Path, should_stop: Callable[[], bool], describe: str) -> Itera
             os.close(fd)
             if err.errno == errno.ENOLCK:  # a file system without locks: go on without (publishing is still safe)
                 _log(f"no file locks on the file system of {lock}; tokenizing without taking turns")
-                yield
+                yield False
                 return
             if should_stop():
                 raise Interrupted(f"stopped while waiting for another process tokenizing {describe}") from None
@@ -154,7 +155,7 @@ def _locked(lock: Path, should_stop: Callable[[], bool], describe: str) -> Itera
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-        yield
+        yield True
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)

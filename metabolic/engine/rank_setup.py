@@ -59,6 +59,8 @@ class RankSetup:
         """Raise on every rank when any rank has a problem (else the others would go on into the
         next collective and wait there for the one that left)."""
         problems = [(rank, p) for rank, p in enumerate(self.gather(problem)) if p]
+        if problem:
+            raise DatasetMissingError(problem)
         if problems:
             rank, p = problems[0]
-            raise DatasetMissingError(p if problem else f"rank {rank}: {p}")
+            raise DatasetMissingError(f"rank {rank}: {p}")
