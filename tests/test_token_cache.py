@@ -1,6 +1,7 @@
 """The token cache: a corpus tokenized once into a flat file, memory-mapped by every rank and run."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,11 +131,12 @@ def test_key_follows_the_end_of_text_token(tmp_path, corpus):
 
 
 HOLD_LOCK = """
-import fcntl, os, sys, time
+import fcntl, os, socket, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
 fcntl.lockf(fd, fcntl.LOCK_EX)
-open(sys.argv[2], "w").write("half a corpus")  # what a builder killed mid-way leaves
-print("holding", flush=True)
+left = f"{sys.argv[2]}.tmp-{socket.gethostname()}-{os.getpid()}-deadbeef"
+open(left, "w").write("half a corpus")  # what a builder killed mid-way leaves
+print(left, flush=True)
 time.sleep(600)
 """
 
@@ -147,11 +149,13 @@ def test_builders_sharing_a_folder_take_turns(tmp_path, corpus, monkeypatch):
     folder, key = tmp_path / "cache", key_of(corpus, tok)
     folder.mkdir()
     lock = token_cache.lock_path(folder, key)
-    leftover = folder / f"{key}.tokens.tmp-dead"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock), str(leftover)], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock), str(folder / f"{key}.tokens")],
+                              stdout=subprocess.PIPE, text=True)
+    elsewhere = folder / f"{key}.tokens.tmp-another-host-{os.getpid()}-0000"  # maybe alive: not ours to judge
+    elsewhere.write_text("another machine's build")
     try:
-        assert holder.stdout.readline().strip() == "holding"
+        leftover = Path(holder.stdout.readline().strip())
+        assert leftover.is_file()
         monkeypatch.setattr(token_cache, "WAIT_POLL_S", 0.01)
         looks = []
 
@@ -168,7 +172,8 @@ def test_builders_sharing_a_folder_take_turns(tmp_path, corpus, monkeypatch):
         holder.wait()
     assert leftover.exists()
     token_cache.prepare(folder, key, docs, tok)
-    assert not leftover.exists()
+    assert not leftover.exists() and elsewhere.exists()
+    elsewhere.unlink()
     assert token_cache.is_built(folder, key) and not lock.exists()
     first = (folder / f"{key}.tokens").stat().st_ino
     # A builder that finishes after another keeps the first file (runs may have it mapped).

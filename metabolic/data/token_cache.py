@@ -42,6 +42,8 @@ WRITE_TOKENS = 1 << 20
 """Tokens buffered before each write."""
 DOCS_PER_CALL = 64
 """Documents per tokenizer call (fast tokenizers encode a batch on several threads)."""
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+"""lockf errors of file systems without locks (NFS with nolock, Lustre without flock, some FUSE)."""
 WAIT_POLL_S = 5.0
 """Seconds between looks at a folder where another process is tokenizing."""
 
@@ -116,8 +118,9 @@ def prepare(folder: Path, key: str, documents: Callable[[], Iterable[str]], toke
         return
     with _locked(lock_path(folder, key), should_stop, describe) as held:
         if not is_built(folder, key):
-            for old in folder.glob(f"{key}.*.tmp-*") if held else ():  # a killed builder's (it held this lock)
-                old.unlink(missing_ok=True)
+            for old in folder.glob(f"{key}.*.tmp-*") if held else ():
+                if _dead_here(old):  # a killed builder's; locks that hold on one machine only do not prove more
+                    old.unlink(missing_ok=True)
             build(folder, key, documents(), tokenizer, max_tokens, describe, should_stop)
 
 
@@ -134,10 +137,12 @@ def _locked(lock: Path, should_stop: Callable[[], bool], describe: str) -> Itera
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             os.close(fd)
-            if err.errno == errno.ENOLCK:  # a file system without locks: go on without (publishing is still safe)
-                _log(f"no file locks on the file system of {lock}; tokenizing without taking turns")
+            if err.errno in NO_LOCKS:  # go on without taking turns (publishing is still safe)
+                _log(f"no file locks on the file system of {lock} ({err.strerror}); tokenizing without taking turns")
                 yield False
                 return
+            if err.errno not in (errno.EAGAIN, errno.EACCES):  # not "someone holds it"
+                raise
             if should_stop():
                 raise Interrupted(f"stopped while waiting for another process tokenizing {describe}") from None
             if waited is None or time.monotonic() - waited >= 60:
@@ -147,7 +152,7 @@ def _locked(lock: Path, should_stop: Callable[[], bool], describe: str) -> Itera
             continue
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-        except FileNotFoundError:
+        except OSError:  # removed by its last holder (or a stale handle): try again
             same = False
         if same:
             break
@@ -174,7 +179,7 @@ def build(folder: Path, key: str, documents: Iterable[str], tokenizer, max_token
     tokens_path, record_path = paths(folder, key)
     dtype = token_dtype(len(tokenizer))
     eot = tokenizer.eos_token_id
-    tmp = tokens_path.with_name(f"{tokens_path.name}.tmp-{uuid.uuid4().hex[:12]}")  # concurrent builders never share one
+    tmp = _tmp_name(tokens_path)
     _log(f"tokenizing {describe} into {tokens_path} (once; later runs and ranks memory-map it)")
     start = last = time.monotonic()
     total, docs, pending, buffered = 0, 0, [], 0
@@ -204,7 +209,7 @@ def build(folder: Path, key: str, documents: Iterable[str], tokenizer, max_token
     record = {"format": FORMAT, "dtype": dtype.name, "num_tokens": total, "documents": docs,
               "vocab_size": len(tokenizer), "eot_id": eot, "source": describe, "max_tokens": max_tokens,
               "seconds": round(time.monotonic() - start, 3)}
-    tmp_record = record_path.with_name(f"{record_path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp_record = _tmp_name(record_path)
     tmp_record.write_text(json.dumps(record, indent=2) + "\n")
     try:
         _publish(tmp_record, record_path)
@@ -212,6 +217,25 @@ def build(folder: Path, key: str, documents: Iterable[str], tokenizer, max_token
         tmp_record.unlink(missing_ok=True)
     _log(f"tokenized {describe}: {docs:,} documents, {total:,} tokens in {record['seconds']:.1f} s")
     return record
+
+
+def _tmp_name(final: Path) -> Path:
+    """A name no other builder uses, saying which machine and process writes it."""
+    return final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _dead_here(tmp: Path) -> bool:
+    """Whether `tmp` was written by a process of this machine that no longer runs."""
+    try:
+        host, pid, _ = tmp.name.split(".tmp-", 1)[1].rsplit("-", 2)
+        if host != socket.gethostname():
+            return False
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, OSError):
+        return False
+    return False
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -30,7 +30,7 @@ class DistInfo:
 
 SETUP_TIMEOUT = timedelta(hours=24)
 """How long ranks wait for rank 0 to train a tokenizer or tokenize a corpus: hours for a large
-corpus, where the collectives' own timeout (30 minutes by default) would fail the run. A rank
+corpus, where the collectives' own timeout (10 minutes by default) would fail the run. A rank
 that dies still fails the others at once (its connections close)."""
 
 
@@ -53,7 +53,7 @@ def _from_slurm_env() -> None:
 
 def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed; a lone process becomes a world of one.
-    timeout_s: how long a collective may wait for the other ranks (None: torch's default)."""
+    timeout_s: how long a collective may wait for the other ranks (None: DeepSpeed's default)."""
     import deepspeed
 
     _from_slurm_env()

@@ -65,14 +65,13 @@ class Trainer:
         self.is_main = self.info.rank == 0
         self._stop_requested = False
         self._first_sigint: Optional[float] = None  # monotonic time of the first Ctrl-C
-        # Stop signals are caught from here on: preparing an LM corpus may take hours (it polls the
-        # flag), and a stop that comes later, before the first step, takes effect after it.
-        self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        # Stop signals are caught while the run is built (preparing an LM corpus may take hours; it
+        # polls the flag) and again in run(): a stop during the build takes effect at the first step.
+        self._catch_signals()
         try:
             self._build(cfg)
-        except BaseException:
+        finally:
             self._restore_signals()
-            raise
 
     def _build(self, cfg: ExperimentConfig) -> None:
         import deepspeed
@@ -112,7 +111,8 @@ class Trainer:
                               "continue it or choose another output_dir")
 
     def _start(self) -> None:
-        """Restore a checkpoint when resuming, write config.yaml."""
+        """Catch stop signals, restore a checkpoint when resuming, write config.yaml."""
+        self._catch_signals()
         if self.is_main:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -204,6 +204,9 @@ class Trainer:
             self.metrics.close()
             self._restore_signals()
         return summary
+
+    def _catch_signals(self) -> None:
+        self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
 
     def _restore_signals(self) -> None:
         """Put back the handlers from before this Trainer, so a later one is not haunted."""

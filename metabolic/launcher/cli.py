@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -58,10 +59,8 @@ def _train(args: argparse.Namespace) -> int:
         summary = train(cfg)
     except (ConfigError, DatasetMissingError, DeviceError) as err:
         return _error(str(err))
-    except Preempted as err:
-        _say(f"{err}; run again with resume=true")
-        return PREEMPTED_EXIT_CODE
-    except Interrupted as err:  # stopped while preparing the data, before any checkpoint
+    except (Preempted, Interrupted) as err:  # Interrupted: stopped while preparing the data, before any checkpoint
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: a Ctrl-C's echo must not turn 75 into a crash
         _say(f"{err}; run again with resume=true")
         return PREEMPTED_EXIT_CODE
     except Diverged as err:

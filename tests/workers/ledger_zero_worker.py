@@ -6,6 +6,7 @@ figures computed here from deepspeed's safe_get_full_fp32_param snapshots.
 """
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from helpers import CONFIG, SMALL  # noqa: E402
 from metabolic.engine.config import load_config  # noqa: E402
 from metabolic.engine.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from metabolic.engine.ledger import energy_of  # noqa: E402
-from metabolic.engine.trainer import Trainer  # noqa: E402
+from metabolic.engine.trainer import STOP_SIGNALS, Trainer  # noqa: E402
 
 
 def full_weights(params) -> list[torch.Tensor]:
@@ -36,7 +37,11 @@ def main() -> None:
     for stage in stages:
         cfg = load_config(CONFIG, SMALL + [f"output_dir={out}/z{stage}", f"deepspeed.zero_stage={stage}",
                                            f"energy.alpha={alpha}"])
+        before = [signal.getsignal(sig) for sig in STOP_SIGNALS]
         trainer = Trainer(cfg, info)
+        # A Trainer that is built but not run leaves no stop handlers behind (they would swallow
+        # SIGTERM and keep every earlier Trainer alive through their bound methods).
+        assert [signal.getsignal(sig) for sig in STOP_SIGNALS] == before, "a built Trainer kept its signal handlers"
         plan = trainer.service.plan_epoch(0, 1)
         params = list(trainer.engine.module.parameters())
         w0 = full_weights(params)
