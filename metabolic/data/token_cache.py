@@ -68,15 +68,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha1(f"{type(tokenizer).__name__}\n{text}".encode()).hexdigest()
 
 
-def file_stats(files: Iterable[Path]) -> list[list]:
-    """[resolved path, size, mtime in ns] of each file: a changed file gives a new key."""
-    out = []
-    for f in files:
-        st = Path(f).stat()
-        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
-    return out
-
-
 def cache_key(source: dict, tokenizer, max_tokens: Optional[int]) -> str:
     """Key of the token file for `source` (corpus description with its file stats) under `tokenizer`."""
     # The end-of-text id and length live in the tokenizer's wrapper, not in its serialised form.

@@ -37,10 +37,6 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT, unk_token=EOT)
 
 
-def _log(msg: str) -> None:
-    print(f"[metabolic] {msg}", file=sys.stderr, flush=True)
-
-
 def _publish(write: Callable[[Path], object], target: Path) -> None:
     """Write a folder under a temporary name beside `target`, then rename it into place: a
     half-written tokenizer never passes for one. A target another process published first is kept."""
@@ -69,10 +65,10 @@ def prepare_bpe(vocab_size: int, texts_fn: Callable[[], Iterable[str]], run_dir:
     if (saved / "tokenizer.json").is_file():
         return
     if shared is not None and (shared / "tokenizer.json").is_file():
-        _log(f"using the BPE tokenizer trained on this corpus before, from {shared}")
+        print(f"[metabolic] using the BPE tokenizer trained on this corpus before, from {shared}", file=sys.stderr)
         _publish(lambda tmp: shutil.copytree(shared, tmp), saved)
         return
-    _log(f"training a BPE tokenizer of {vocab_size} ids on the corpus")
+    print(f"[metabolic] training a BPE tokenizer of {vocab_size} ids on the corpus", file=sys.stderr, flush=True)
     bpe = train_bpe(texts_fn(), vocab_size)
     _publish(lambda tmp: bpe.save_pretrained(str(tmp)), saved)
     if shared is not None:
