@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import REPO, metabolic, ok, summary, torchrun
-from metabolic.data import token_cache
+from metabolic.data import file_cache, token_cache
 from metabolic.data.text import corpus_source, iter_documents, pack, shakespeare_files, split_train_val
 from metabolic.data.token_cache import TokenRows
 from metabolic.data.tokenizer import byte_tokenizer, train_bpe
@@ -156,7 +156,7 @@ def test_builders_sharing_a_folder_take_turns(tmp_path, corpus, monkeypatch):
     try:
         leftover = Path(holder.stdout.readline().strip())
         assert leftover.is_file()
-        monkeypatch.setattr(token_cache, "WAIT_POLL_S", 0.01)
+        monkeypatch.setattr(file_cache, "WAIT_POLL_S", 0.01)
         looks = []
 
         def stop_after_three_looks() -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from metabolic.data.idx import DatasetMissingError
-from metabolic.data.token_cache import Interrupted
+from metabolic.data.file_cache import Interrupted
 
 T = TypeVar("T")
 

@@ -51,7 +51,7 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         return _error(str(err))
     from metabolic.data.idx import DatasetMissingError
-    from metabolic.data.token_cache import Interrupted
+    from metabolic.data.file_cache import Interrupted
     from metabolic.engine.distributed import DeviceError
     from metabolic.engine.trainer import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, Diverged, Preempted, train
 

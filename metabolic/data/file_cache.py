@@ -1,0 +1,176 @@
+"""Files made once and shared: a tokenized corpus, a decoded image dataset.
+
+Preparing a large dataset (tokenizing a corpus, decoding millions of images) is slow, and
+holding the result in each rank's memory costs one copy per rank. So one process writes it once
+into a folder, under a key over everything that decides its content, and every rank then
+memory-maps it read-only: the ranks of a machine share one copy in the page cache, and a
+resumed or requeued run starts at once.
+
+What every such file needs is here: a key, an fcntl lock so that processes sharing a folder
+take turns (one builds, the others wait), temporary names that say which machine and process
+writes them, and publishing by hard link so that an interrupted build leaves nothing that could
+pass for a finished file and a finished file is never replaced (other runs may have it mapped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+PROGRESS_EVERY_S = 30.0
+"""Seconds between progress lines while a file is built."""
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+"""lockf errors of file systems without locks (NFS with nolock, Lustre without flock, some FUSE)."""
+WAIT_POLL_S = 5.0
+"""Seconds between looks at a folder where another process is building."""
+
+
+class Interrupted(Exception):
+    """A stop signal arrived while the data was being prepared; nothing half-made was kept."""
+
+
+def digest(desc: dict) -> str:
+    """A short stable name for a JSON-able description."""
+    return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def log(msg: str) -> None:
+    print(f"[metabolic] {msg}", file=sys.stderr, flush=True)
+
+
+def lock_path(folder: Path, key: str) -> Path:
+    return folder / f"{key}.lock"
+
+
+def prepare(folder: Path, key: str, is_built: Callable[[], bool], build: Callable[[], object],
+            should_stop: Callable[[], bool], doing: str) -> None:
+    """Make sure the finished files of `key` are in `folder`: `build()` them while holding the
+    folder's lock for `key`, or wait while another process holds it. `doing` says what a build
+    does, for the messages ("tokenizing the corpus at ...")."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if is_built():
+        return
+    with locked(lock_path(folder, key), should_stop, doing) as held:
+        if not is_built():
+            for old in folder.glob(f"{key}.*.tmp-*") if held else ():
+                if dead_here(old):  # a killed builder's; locks that hold on one machine only do not prove more
+                    old.unlink(missing_ok=True)
+            build()
+
+
+@contextlib.contextmanager
+def locked(lock: Path, should_stop: Callable[[], bool], doing: str) -> Iterator[bool]:
+    """Hold an exclusive fcntl lock on `lock` (yields True; False on a file system without locks):
+    released by the kernel when the holder dies, so no lock outlives its process (on NFS, through
+    its lock manager). The holder removes the file before releasing it; a waiter that then holds
+    the removed file's lock tries again."""
+    waited = None
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in NO_LOCKS:  # go on without taking turns (publishing is still safe)
+                log(f"no file locks on the file system of {lock} ({err.strerror}); {doing} without taking turns")
+                yield False
+                return
+            if err.errno not in (errno.EAGAIN, errno.EACCES):  # not "someone holds it"
+                raise
+            if should_stop():
+                raise Interrupted(f"stopped while waiting for another process {doing}") from None
+            if waited is None or time.monotonic() - waited >= 60:
+                waited = time.monotonic()
+                log(f"waiting for another process {doing} (it holds {lock})")
+            time.sleep(WAIT_POLL_S)
+            continue
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except OSError:  # removed by its last holder (or a stale handle): try again
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def tmp_name(final: Path) -> Path:
+    """A name no other builder uses, saying which machine and process writes it."""
+    return final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def dead_here(tmp: Path) -> bool:
+    """Whether `tmp` was written by a process of this machine that no longer runs."""
+    try:
+        host, pid, _ = tmp.name.split(".tmp-", 1)[1].rsplit("-", 2)
+        if host != socket.gethostname():
+            return False
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, OSError):
+        return False
+    return False
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Give `tmp` the name `final` unless a file has it already: a finished file is never replaced
+    (runs may have it mapped; on NFS a replaced file's pages go stale under them)."""
+    try:
+        os.link(tmp, final)  # fails, atomically, when `final` exists
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links
+        if not final.exists():
+            os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def writing(final: Path) -> Iterator[Path]:
+    """A temporary path to write `final`'s content to; published as `final` when the block ends
+    without an error, removed in every case."""
+    tmp = tmp_name(final)
+    try:
+        yield tmp
+        publish(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_record(final: Path, record: dict) -> None:
+    """Write a JSON record, the last file of a build (its presence says the build finished)."""
+    with writing(final) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+class Progress:
+    """Prints a line at most every PROGRESS_EVERY_S seconds while something long runs."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+
+    def due(self) -> bool:
+        if time.monotonic() - self.last < PROGRESS_EVERY_S:
+            return False
+        self.last = time.monotonic()
+        return True
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
