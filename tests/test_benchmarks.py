@@ -59,3 +59,14 @@ def test_token_cache_benchmark_json_contract(tmp_path):
     assert res["in_memory_s"] > 0 and res["build_s"] > 0 and res["open_s"] > 0
     assert res["build_ratio"] == pytest.approx(res["build_s"] / res["in_memory_s"])
     assert res["bytes_per_token"] == {"in_memory_per_rank": 8, "token_file_per_machine": pytest.approx(2, abs=0.01)}
+
+
+def test_image_cache_benchmark_json_contract():
+    bench = str(REPO / "benchmarks" / "image_cache.py")
+    proc = ok(run([sys.executable, bench, "--samples", "300", "--repeats", "1", "--json"], timeout=300))
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the benchmark itself checks that the mapped pixels and statistics equal the decoded ones
+    assert res["samples"] == 300 and res["sample_shape"] == [1, 28, 28]
+    assert res["in_memory_s"] > 0 and res["build_s"] > 0 and res["open_s"] > 0
+    assert res["open_ratio"] == pytest.approx(res["open_s"] / res["in_memory_s"])
+    assert res["bytes"] == {"in_memory_per_rank": 300 * 784, "pixel_file_per_machine": 300 * 784}

@@ -220,9 +220,9 @@ def lm_args(out, corpus, *extra):
 
 def test_runs_share_a_cache_dir_and_tokenize_once(tmp_path, corpus):
     cache = tmp_path / "cache"
-    first = ok(metabolic("train", *lm_args(tmp_path / "a", corpus, f"data.text.cache_dir={cache}")))
+    first = ok(metabolic("train", *lm_args(tmp_path / "a", corpus, f"data.cache_dir={cache}")))
     assert "tokenizing the files corpus" in first.stderr
-    second = ok(metabolic("train", *lm_args(tmp_path / "b", corpus, f"data.text.cache_dir={cache}")))
+    second = ok(metabolic("train", *lm_args(tmp_path / "b", corpus, f"data.cache_dir={cache}")))
     assert "tokeniz" not in second.stderr
     assert len(list(cache.glob("*.tokens"))) == 1 and not (tmp_path / "b" / "tokens").exists()
     a, b = summary(tmp_path / "a"), summary(tmp_path / "b")
@@ -236,7 +236,7 @@ def test_runs_share_a_cache_dir_and_tokenize_once(tmp_path, corpus):
 
 def test_runs_share_a_trained_bpe_tokenizer_through_the_cache_dir(tmp_path, corpus):
     cache = tmp_path / "cache"
-    args = ("data.text.tokenizer=bpe", "data.text.vocab_size=300", f"data.text.cache_dir={cache}")
+    args = ("data.text.tokenizer=bpe", "data.text.vocab_size=300", f"data.cache_dir={cache}")
     first = ok(metabolic("train", *lm_args(tmp_path / "a", corpus, *args)))
     assert "training a BPE tokenizer of 300 ids" in first.stderr
     second = ok(metabolic("train", *lm_args(tmp_path / "b", corpus, *args)))
@@ -256,14 +256,14 @@ def test_an_unusable_cache_dir_is_a_config_error(tmp_path, corpus, ranks):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     tokenizer = "byte" if ranks == 1 else "bpe"  # bpe: rank 0 fails before tokenizing, while it prepares BPE
-    args = lm_args(tmp_path / "run", corpus, f"data.text.cache_dir={blocker}/cache", f"data.text.tokenizer={tokenizer}",
+    args = lm_args(tmp_path / "run", corpus, f"data.cache_dir={blocker}/cache", f"data.text.tokenizer={tokenizer}",
                    "data.text.vocab_size=300")
     proc = metabolic("train", *args) if ranks == 1 else torchrun(2, "-m", "metabolic", "train", *args, timeout=300)
-    assert proc.returncode != 0 and "data.text.cache_dir" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode != 0 and "data.cache_dir" in proc.stderr, proc.stderr[-3000:]
     if ranks == 1:
         assert proc.returncode == 2
     else:
-        assert "rank 0 could not prepare the data: ConfigError: config key 'data.text.cache_dir'" in proc.stderr
+        assert "rank 0 could not prepare the data: ConfigError: config key 'data.cache_dir'" in proc.stderr
     assert blocker.read_text() == "not a folder"
 
 

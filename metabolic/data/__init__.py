@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
+from typing import Optional
 
 from metabolic.data.arrays import ImageArrays, pixel_stats
 from metabolic.data.hf import load_hf_split
@@ -10,10 +12,19 @@ from metabolic.data.idx import DatasetMissingError, load_idx_split, read_idx
 from metabolic.engine.config import ConfigError
 
 
-def load_image_splits(cfg) -> tuple[ImageArrays, ImageArrays]:
-    """Train and test ImageArrays for a DataConfig, with data.limit / data.eval_limit applied."""
+def load_image_splits(cfg, run_dir: Optional[Path] = None,
+                      keys: Optional[dict[str, str]] = None) -> tuple[ImageArrays, ImageArrays]:
+    """Train and test ImageArrays for a DataConfig, with data.limit / data.eval_limit applied.
+
+    source=hf: with `keys` (image_cache.prepare_splits), the splits rank 0 decoded into the image
+    cache, memory-mapped; without, both splits decoded into memory here."""
+    stats = None
     if cfg.source == "idx":
         train, test = load_idx_split(cfg.path, "train"), load_idx_split(cfg.path, "test")
+    elif cfg.source == "hf" and keys is not None:
+        from metabolic.data import image_cache
+
+        train, test, stats = image_cache.load_splits(cfg, run_dir, keys)
     elif cfg.source == "hf":
         kw = dict(path=cfg.path, hub_name=cfg.hf_name, image_key=cfg.image_key, label_key=cfg.label_key)
         train, test = load_hf_split("train", **kw), load_hf_split("test", **kw)
@@ -34,7 +45,7 @@ def load_image_splits(cfg) -> tuple[ImageArrays, ImageArrays]:
     # One class count for both splits: a class that only the test split holds must still fit the head.
     # Both splits are normalised with the whole training split's pixel statistics, whatever data.limit.
     classes = max(train.num_classes, test.num_classes)
-    mean, std = pixel_stats(train.images)
+    mean, std = stats or pixel_stats(train.images)
     train, test = (replace(s, num_classes=classes, mean=mean, std=std) for s in (train, test))
     return train.head(cfg.limit), test.head(cfg.eval_limit)
 

@@ -55,23 +55,45 @@ class ImageArrays:
         return x, self.labels[indices]
 
 
-def pixel_stats(images: torch.Tensor, chunk_pixels: int = 2**24) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images [N, C, H, W] scaled to [0, 1], in chunks (no float
-    copy of the whole set). Rounded to 4 places, the precision normalisation constants are quoted
-    in (Fashion-MNIST's train split gives its usual 0.2860 / 0.3530); a constant channel gets std 1."""
-    c = images.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    squares = torch.zeros(c, dtype=torch.float64)
-    chunk = max(1, chunk_pixels // max(images[0].numel(), 1)) if images.shape[0] else 1  # ~128 MiB of float64
-    for i in range(0, images.shape[0], chunk):
-        x = images[i:i + chunk].to(torch.float64).div_(255.0)
-        total += x.sum(dim=(0, 2, 3))
-        squares += x.square_().sum(dim=(0, 2, 3))
-    n = max(images.numel() // c, 1)
-    mean = total / n
-    std = (squares / n - mean * mean).clamp_min(0.0).sqrt()
-    std = torch.where(std < 1e-4, torch.ones_like(std), std)
-    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+class PixelStats:
+    """Per-channel mean and std of uint8 images scaled to [0, 1], summed piece by piece (in float64,
+    no float copy of the whole set)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.squares: torch.Tensor | None = None
+        self.pixels = 0
+
+    def add(self, images: torch.Tensor, chunk_pixels: int = 2**24) -> None:
+        """Count uint8 images [N, C, H, W], about chunk_pixels at a time (~128 MiB of float64)."""
+        c = images.shape[1]
+        if self.total is None:
+            self.total, self.squares = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+        chunk = max(1, chunk_pixels // max(images[0].numel(), 1)) if images.shape[0] else 1
+        for i in range(0, images.shape[0], chunk):
+            x = images[i:i + chunk].to(torch.float64).div_(255.0)
+            self.total += x.sum(dim=(0, 2, 3))
+            self.squares += x.square_().sum(dim=(0, 2, 3))
+        self.pixels += images.numel() // c
+
+    def result(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) per channel, rounded to 4 places, the precision normalisation constants are
+        quoted in (Fashion-MNIST's train split gives its usual 0.2860 / 0.3530); a constant channel
+        gets std 1."""
+        if self.total is None:
+            return (0.0,), (1.0,)
+        n = max(self.pixels, 1)
+        mean = self.total / n
+        std = (self.squares / n - mean * mean).clamp_min(0.0).sqrt()
+        std = torch.where(std < 1e-4, torch.ones_like(std), std)
+        return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+def pixel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images [N, C, H, W] (see PixelStats)."""
+    stats = PixelStats()
+    stats.add(images)
+    return stats.result()
 
 
 def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator | None) -> torch.Tensor:

@@ -25,7 +25,10 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
+
+from metabolic.data.idx import DatasetMissingError
+from metabolic.engine.config import ConfigError
 
 PROGRESS_EVERY_S = 30.0
 """Seconds between progress lines while a file is built."""
@@ -33,6 +36,8 @@ NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 """lockf errors of file systems without locks (NFS with nolock, Lustre without flock, some FUSE)."""
 WAIT_POLL_S = 5.0
 """Seconds between looks at a folder where another process is building."""
+VISIBLE_WAIT_S = 10.0
+"""How long a rank looks for the files rank 0 finished (a network file system may show them late)."""
 
 
 class Interrupted(Exception):
@@ -42,6 +47,62 @@ class Interrupted(Exception):
 def digest(desc: dict) -> str:
     """A short stable name for a JSON-able description."""
     return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def file_stats(files: Iterable[Path]) -> list[list]:
+    """[resolved path, size, mtime in ns] of each file: a changed file gives a new key."""
+    out = []
+    for f in files:
+        st = Path(f).stat()
+        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def dataset_source(path: Optional[str], hub_name: Optional[str]) -> dict:
+    """What decides a Hugging Face dataset's content, for a key: the files under its local path
+    with their size and modification time, or its hub name (a changed hub dataset is not noticed)."""
+    if path and Path(path).exists():
+        p = Path(path)
+        return {"files": file_stats(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])}
+    return {"hf_name": hub_name}
+
+
+def folder_of(cache_dir: Optional[str], run_dir: Path, default: str) -> tuple[Path, str]:
+    """(the folder prepared files go in, the config key that names it): data.cache_dir, shared by
+    runs, or the run's own `default` subfolder."""
+    if cache_dir:
+        return Path(cache_dir).expanduser(), "data.cache_dir"
+    return run_dir / default, "output_dir"
+
+
+@contextlib.contextmanager
+def folder_ready(folder: Path, config_key: str, shared: bool) -> Iterator[Path]:
+    """Create `folder` (a ConfigError naming `config_key` when it cannot be); folders created here
+    that are still empty at the end are removed again, unless `shared` (other runs may be filling
+    a shared folder at the same time)."""
+    made = [] if shared else [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"config key '{config_key}': cannot create '{folder}' ({err})") from err
+        yield folder
+    finally:
+        for p in made:  # deepest first; only empty folders go
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+def wait_visible(is_built: Callable[[], bool], folder: Path, config_key: str, what: str,
+                 wait_s: float = VISIBLE_WAIT_S) -> None:
+    """On a rank other than the builder's: wait until the finished files show (a network file
+    system may show them late); a DatasetMissingError naming `config_key` if they do not."""
+    deadline = time.monotonic() + wait_s
+    while not is_built():
+        if time.monotonic() > deadline:
+            raise DatasetMissingError(f"config key '{config_key}': rank 0 {what} into '{folder}', which this "
+                                      "rank does not see; use a folder every machine shares")
+        time.sleep(0.5)
 
 
 def log(msg: str) -> None:

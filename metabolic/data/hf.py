@@ -6,7 +6,7 @@ Hub loading is real code for users with a network; tests use local files only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -15,6 +15,8 @@ from metabolic.data.arrays import ImageArrays
 from metabolic.data.idx import DatasetMissingError
 from metabolic.engine.config import ConfigError
 
+CHUNK_ROWS = 1024
+"""Images decoded per piece (one piece in memory at a time while a split is cached)."""
 _FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
 
 
@@ -50,9 +52,10 @@ def _load_local(path: Path, split: str):
     raise DatasetMissingError(f"data.path '{path}' does not exist")
 
 
-def load_hf_split(split: str, path: Optional[str] = None, hub_name: Optional[str] = None,
-                  image_key: str = "image", label_key: str = "label") -> ImageArrays:
-    """Load a split as ImageArrays from local files (preferred when present) or the hub."""
+def open_hf_split(split: str, path: Optional[str] = None, hub_name: Optional[str] = None,
+                  image_key: str = "image", label_key: str = "label"):
+    """A split as a `datasets.Dataset` from local files (preferred when present) or the hub, with
+    its image and label columns checked."""
     if path and Path(path).exists():
         try:
             ds = _load_local(Path(path), split)
@@ -76,20 +79,46 @@ def load_hf_split(split: str, path: Optional[str] = None, hub_name: Optional[str
     for key, name in ((image_key, "data.image_key"), (label_key, "data.label_key")):
         if key not in ds.column_names:
             raise ConfigError(f"config key '{name}': column '{key}' not in dataset columns {ds.column_names}")
-    ds = ds.with_format("numpy")
-    arrays = [np.asarray(im, dtype=np.uint8) for im in ds[image_key]]
-    shapes = sorted({a.shape for a in arrays})
-    if len(shapes) > 1:  # a batch is one tensor: the images must be resized (or converted) beforehand
-        raise ConfigError(f"config key 'data.image_key': the {split} split's images differ in shape "
-                          f"({', '.join(map(str, shapes[:3]))}{', ...' if len(shapes) > 3 else ''}); "
-                          "resize them to one size and one colour mode first")
-    images = np.stack(arrays) if arrays else np.zeros((0, 1, 1), np.uint8)
-    if images.ndim == 3:  # grayscale [N, H, W]
-        images = images[:, None]
-    elif images.ndim == 4 and images.shape[-1] in (1, 3, 4):  # channels-last
-        images = images[..., :3].transpose(0, 3, 1, 2)  # RGBA: the alpha channel carries no class
-    labels = np.asarray(ds[label_key], dtype=np.int64)
-    num_classes = int(labels.max()) + 1 if len(labels) else 0
-    feature = getattr(ds.features.get(label_key), "num_classes", None)
-    return ImageArrays(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels),
-                       num_classes=int(feature or num_classes))
+    return ds
+
+
+def num_classes(ds, label_key: str, labels_max: int) -> int:
+    """The label column's class count when it declares one (ClassLabel), else the largest label + 1."""
+    declared = getattr(ds.features.get(label_key), "num_classes", None)
+    return int(declared or labels_max + 1)
+
+
+def decoded_chunks(ds, split: str, image_key: str = "image", label_key: str = "label",
+                   rows: Optional[int] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The split's images as uint8 [n, C, H, W] and labels as int64 [n], `rows` samples at a time.
+
+    Grayscale images get one channel; RGBA loses its alpha channel (it carries no class). Every
+    image must have the first one's shape: a batch is one tensor."""
+    ds, rows, first = ds.with_format("numpy"), rows or CHUNK_ROWS, None
+    for start in range(0, len(ds), rows):
+        part = ds[start:start + rows]
+        arrays = [np.asarray(im, dtype=np.uint8) for im in part[image_key]]
+        shapes = sorted({a.shape for a in arrays} | ({first} if first else set()))
+        if len(shapes) > 1:
+            raise ConfigError(f"config key 'data.image_key': the {split} split's images differ in shape "
+                              f"({', '.join(map(str, shapes[:3]))}{', ...' if len(shapes) > 3 else ''}); "
+                              "resize them to one size and one colour mode first")
+        first = shapes[0]
+        images = np.stack(arrays)
+        if images.ndim == 3:  # grayscale [n, H, W]
+            images = images[:, None]
+        elif images.ndim == 4 and images.shape[-1] in (1, 3, 4):  # channels-last
+            images = images[..., :3].transpose(0, 3, 1, 2)
+        yield np.ascontiguousarray(images), np.asarray(part[label_key], dtype=np.int64)
+
+
+def load_hf_split(split: str, path: Optional[str] = None, hub_name: Optional[str] = None,
+                  image_key: str = "image", label_key: str = "label") -> ImageArrays:
+    """A split decoded into memory as ImageArrays (training runs decode once into the image cache
+    instead, see image_cache.py)."""
+    ds = open_hf_split(split, path, hub_name, image_key, label_key)
+    chunks = list(decoded_chunks(ds, split, image_key, label_key))
+    images = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros((0, 1, 1, 1), np.uint8)
+    labels = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, np.int64)
+    classes = num_classes(ds, label_key, int(labels.max()) if len(labels) else -1)
+    return ImageArrays(torch.from_numpy(images), torch.from_numpy(labels), num_classes=classes)

@@ -7,22 +7,18 @@ memory-maps the file (`load`). Validation is the last `val_fraction` of the pack
 
 from __future__ import annotations
 
-import contextlib
-import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 from metabolic.data import token_cache
-from metabolic.data.idx import DatasetMissingError
+from metabolic.data.file_cache import folder_of, folder_ready, wait_visible
 from metabolic.data.text import corpus_source, iter_documents, split_train_val
 from metabolic.data.token_cache import TokenRows
 from metabolic.data.tokenizer import load_tokenizer, prepare_bpe
-from metabolic.engine.config import ConfigError, ExperimentConfig
+from metabolic.engine.config import ExperimentConfig
 
 BPE_STREAM_CHARS = 50_000_000
 """Text a streamed corpus's BPE tokenizer is trained on (its first documents)."""
-VISIBLE_WAIT_S = 10.0
-"""How long a rank looks for the file rank 0 finished (a network file system may show it late)."""
 
 
 def documents(cfg: ExperimentConfig) -> Iterator[str]:
@@ -50,9 +46,7 @@ def sequence_cap(cfg: ExperimentConfig) -> Optional[int]:
 
 def token_folder(cfg: ExperimentConfig, run_dir: Path) -> tuple[Path, str]:
     """(folder of the token file, the config key that names it)."""
-    tx = cfg.data.text
-    return (Path(tx.cache_dir).expanduser(), "data.text.cache_dir") if tx.cache_dir else (run_dir / "tokens",
-                                                                                          "output_dir")
+    return folder_of(cfg.data.cache_dir, run_dir, "tokens")
 
 
 def prepare(cfg: ExperimentConfig, run_dir: Path, should_stop: Callable[[], bool] = lambda: False) -> str:
@@ -61,17 +55,12 @@ def prepare(cfg: ExperimentConfig, run_dir: Path, should_stop: Callable[[], bool
     shared cache_dir, which other runs may be creating at the same time)."""
     d, tx = cfg.data, cfg.data.text
     folder, config_key = token_folder(cfg, run_dir)
-    made = [] if tx.cache_dir else [p for p in (folder, *folder.parents) if not p.exists()]
-    try:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)  # now, not after training a tokenizer
-        except OSError as err:
-            raise ConfigError(f"config key '{config_key}': cannot create '{folder}' ({err})") from err
+    with folder_ready(folder, config_key, shared=bool(d.cache_dir)):  # now, not after training a tokenizer
         source = dict(corpus_source(tx.corpus, d.path, d.hf_name, tx.text_key), streaming=tx.streaming)
         if tx.tokenizer == "bpe":
             texts = (lambda: documents(cfg)) if not tx.streaming else (lambda: _head(documents(cfg), BPE_STREAM_CHARS))
             shared = None  # a trained BPE is kept per corpus and size in a cache_dir
-            if tx.cache_dir:
+            if d.cache_dir:
                 head = BPE_STREAM_CHARS if tx.streaming else None
                 shared = folder / f"bpe{tx.vocab_size}-{token_cache.digest(dict(source, head_chars=head))}"
             prepare_bpe(tx.vocab_size, texts, run_dir, shared)
@@ -83,22 +72,13 @@ def prepare(cfg: ExperimentConfig, run_dir: Path, should_stop: Callable[[], bool
         token_cache.prepare(folder, key, lambda: documents(cfg), tokenizer, max_tokens,
                             f"the {tx.corpus} corpus{where}", should_stop)
         return key
-    finally:
-        for p in made:  # deepest first; only empty folders go
-            with contextlib.suppress(OSError):
-                p.rmdir()
 
 
 def load(cfg: ExperimentConfig, run_dir: Path, key: str):
     """Every rank: (tokenizer, train rows, validation rows) from what rank 0 prepared under `key`."""
     d, tx = cfg.data, cfg.data.text
     folder, config_key = token_folder(cfg, run_dir)
-    deadline = time.monotonic() + VISIBLE_WAIT_S
-    while not token_cache.is_built(folder, key):
-        if time.monotonic() > deadline:
-            raise DatasetMissingError(f"config key '{config_key}': rank 0 tokenized the corpus into '{folder}', "
-                                      "which this rank does not see; use a folder every machine shares")
-        time.sleep(0.5)
+    wait_visible(lambda: token_cache.is_built(folder, key), folder, config_key, "tokenized the corpus")
     tokenizer = load_tokenizer(tx.tokenizer, run_dir)
     cap = sequence_cap(cfg)
     train, val = split_train_val(TokenRows.pack(token_cache.open_tokens(folder, key, tokenizer), tx.seq_len, cap),

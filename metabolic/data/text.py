@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from metabolic.data.file_cache import dataset_source, file_stats
 from metabolic.data.hf import load_saved
 from metabolic.data.idx import DatasetMissingError
 from metabolic.engine.config import ConfigError
@@ -94,15 +95,6 @@ def _hf_documents(path: Optional[str], hf_name: Optional[str], text_key: str, st
         yield row[text_key]
 
 
-def file_stats(files: Iterable[Path]) -> list[list]:
-    """[resolved path, size, mtime in ns] of each file: a changed file gives a new key."""
-    out = []
-    for f in files:
-        st = Path(f).stat()
-        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
-    return out
-
-
 def corpus_source(corpus: str, path: Optional[str] = None, hf_name: Optional[str] = None,
                   text_key: str = "text") -> dict:
     """What decides a corpus's documents, for the token cache's key: its local files with their
@@ -113,11 +105,8 @@ def corpus_source(corpus: str, path: Optional[str] = None, hf_name: Optional[str
         if not path:
             raise DatasetMissingError("config key 'data.path': corpus=files needs a file, folder or glob")
         files = text_files(path)
-    elif corpus == "hf" and path and Path(path).exists():
-        p = Path(path)
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
     elif corpus == "hf":
-        return {"corpus": corpus, "hf_name": hf_name, "text_key": text_key}
+        return {"corpus": corpus, "text_key": text_key, **dataset_source(path, hf_name)}
     else:
         raise ConfigError(f"config key 'data.text.corpus': unknown corpus {corpus!r}")
     return {"corpus": corpus, "text_key": text_key if corpus == "hf" else None, "files": file_stats(files)}

@@ -58,7 +58,7 @@ def prepare_bpe(vocab_size: int, texts_fn: Callable[[], Iterable[str]], run_dir:
     """Rank 0: make sure the run has its BPE tokenizer in `run_dir/tokenizer` (kept on resume).
 
     shared: where a BPE tokenizer trained on the same corpus with the same size is kept between
-    runs (data.text.cache_dir); it is copied into the run instead of training again, or put
+    runs (data.cache_dir); it is copied into the run instead of training again, or put
     there after training.
     """
     saved = run_dir / "tokenizer"

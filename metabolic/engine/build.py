@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
@@ -11,6 +13,8 @@ from torch import nn
 from metabolic.data.idx import DatasetMissingError
 from metabolic.engine.config import LM_MODELS, ConfigError, ExperimentConfig
 from metabolic.engine.rank_setup import RankSetup
+
+T = TypeVar("T")
 
 
 def build_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, setup: RankSetup = RankSetup()):
@@ -20,7 +24,12 @@ def build_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, setup
     from metabolic.data import load_image_splits
     from metabolic.engine.task import ImageClassification
 
-    train, test = load_image_splits(cfg.data)
+    keys = None
+    if cfg.data.source == "hf":  # decoded once, by rank 0, into the image cache
+        from metabolic.data import image_cache
+
+        keys = setup.on_rank0(lambda: image_cache.prepare_splits(cfg.data, run_dir, setup.should_stop))
+    train, test = _on_every_rank(setup, lambda: load_image_splits(cfg.data, run_dir, keys))
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     return ImageClassification(train, test, augment=cfg.data.augment, device=device, dtype=dtype)
 
@@ -31,16 +40,25 @@ def build_lm_task(cfg: ExperimentConfig, device: torch.device, run_dir: Path, se
     from metabolic.engine.task import LanguageModeling
 
     key = setup.on_rank0(lambda: lm_corpus.prepare(cfg, run_dir, setup.should_stop))
-    loaded, problem = None, None
-    try:
-        loaded = lm_corpus.load(cfg, run_dir, key)
-    except Exception as err:  # every rank must hear of it, or the others wait in their next collective
-        problem = str(err) if isinstance(err, (ConfigError, DatasetMissingError)) else f"{type(err).__name__}: {err}"
-    setup.agree(problem)
-    tokenizer, train, val = loaded
+    tokenizer, train, val = _on_every_rank(setup, lambda: lm_corpus.load(cfg, run_dir, key))
     task = LanguageModeling(train, val, vocab_size=len(tokenizer), device=device)
     task.tokenizer = tokenizer
     return task
+
+
+def _on_every_rank(setup: RankSetup, load: Callable[[], T]) -> T:
+    """`load()` on every rank; a rank's failure is raised there as it is, and on every other rank
+    as a DatasetMissingError naming it (else they would go on into the next collective and wait
+    there for the rank that left)."""
+    try:
+        loaded = load()
+    except Exception as err:
+        with contextlib.suppress(DatasetMissingError):
+            setup.agree(str(err) if isinstance(err, (ConfigError, DatasetMissingError))
+                        else f"{type(err).__name__}: {err}")
+        raise
+    setup.agree(None)
+    return loaded
 
 
 def build_model(cfg: ExperimentConfig, task, ds_config: dict) -> tuple[nn.Module, object]:

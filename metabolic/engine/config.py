@@ -57,9 +57,6 @@ class TextConfig:
     """Tokens per packed sequence."""
     val_fraction: float = 0.05
     """Fraction of packed sequences held out for validation (the last ones)."""
-    cache_dir: Optional[str] = None
-    """Folder of tokenized corpora, reused by every run that tokenizes the same corpus the same way
-    (null: <output_dir>/tokens); on several machines, one they all see."""
 
 
 @dataclass
@@ -108,6 +105,10 @@ class DataConfig:
     score_table: str = "auto"
     """Per-sample score table: replicated (every rank holds every row), sharded (each rank the rows
     it owns, index mod world), or auto (sharded once a replica would exceed 200 M rows)."""
+    cache_dir: Optional[str] = None
+    """Folder of prepared data (decoded source=hf images, tokenized corpora), reused by every run that
+    prepares the same data the same way (null: <output_dir>/images or /tokens); on several machines,
+    one they all see."""
     text: TextConfig = field(default_factory=lambda: TextConfig())
     """Text corpus, tokenizer and packing (language models)."""
 

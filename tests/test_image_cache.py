@@ -1,0 +1,146 @@
+"""The image cache: source=hf image datasets decoded once by rank 0 and memory-mapped everywhere."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import CONFIG, SMALL, metabolic, ok, summary, torchrun
+from metabolic.data import file_cache, image_cache, load_hf_split, pixel_stats
+from metabolic.data.file_cache import dataset_source
+from metabolic.data.hf import open_hf_split
+
+
+def save_images(folder: Path, sizes=(("train", 90), ("test", 30)), mode: str = "RGB", side: int = 12,
+                odd: int | None = None) -> Path:
+    """A save_to_disk folder of PNG-encoded images (datasets' Image feature) with ClassLabel labels;
+    `odd`: that training image gets another size."""
+    import datasets
+    import PIL.Image
+
+    rng = np.random.default_rng(3)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=5)})
+    splits = {}
+    for split, n in sizes:
+        labels = rng.integers(0, 4, n)  # class 4 is declared but never used: the count comes from the feature
+        channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+        images = []
+        for i, label in enumerate(labels):
+            s = side + 2 if i == odd and split == "train" else side
+            pixels = (rng.integers(0, 60, (s, s, channels)) + 40 * label).astype(np.uint8)
+            images.append(PIL.Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode))
+        splits[split] = datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(folder))
+    return folder
+
+
+def build_split(folder: Path, data: Path, split: str, **kw) -> tuple[str, dict]:
+    key = image_cache.cache_key(dataset_source(str(data), None), split, "image", "label")
+    ds = open_hf_split(split, str(data))
+    return key, image_cache.build(folder, key, ds, split, **kw)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_cached_split_equals_the_split_decoded_in_memory(tmp_path, mode, monkeypatch):
+    import metabolic.data.hf as hf
+
+    monkeypatch.setattr(hf, "CHUNK_ROWS", 16)  # several pieces, the last one short
+    data = save_images(tmp_path / "dd", mode=mode)
+    folder = tmp_path / "cache"
+    key, record = build_split(folder, data, "train")
+    cached, _ = image_cache.open_split(folder, key)
+    direct = load_hf_split("train", path=str(data))
+    assert cached.images.shape == direct.images.shape == (90, 1 if mode == "L" else 3, 12, 12)
+    assert torch.equal(cached.images, direct.images) and torch.equal(cached.labels, direct.labels)
+    assert cached.num_classes == direct.num_classes == 5
+    # The pixel statistics were summed while decoding, piece by piece: the same as over the whole split.
+    assert (tuple(record["mean"]), tuple(record["std"])) == pixel_stats(direct.images)
+    # The pixels are mapped from the file, not read into memory.
+    assert str(folder / f"{key}.images") in Path("/proc/self/maps").read_text()
+    assert sorted(os.listdir(folder)) == sorted(f"{key}.{ext}" for ext in ("images", "labels", "json"))
+
+
+def test_key_follows_the_files_the_split_and_the_columns(tmp_path):
+    data = save_images(tmp_path / "dd")
+    source = dataset_source(str(data), None)
+    key = image_cache.cache_key(source, "train", "image", "label")
+    assert key == image_cache.cache_key(dataset_source(str(data), None), "train", "image", "label")
+    assert key != image_cache.cache_key(source, "test", "image", "label")
+    assert key != image_cache.cache_key(source, "train", "img", "label")
+    assert key != image_cache.cache_key(dataset_source(None, "org/name"), "train", "image", "label")
+    arrow = next(data.rglob("*.arrow"))
+    os.utime(arrow, ns=(arrow.stat().st_atime_ns, arrow.stat().st_mtime_ns + 10**9))  # the dataset was rewritten
+    assert key != image_cache.cache_key(dataset_source(str(data), None), "train", "image", "label")
+
+
+def test_images_of_another_size_are_refused_and_nothing_is_kept(tmp_path, monkeypatch):
+    import metabolic.data.hf as hf
+
+    monkeypatch.setattr(hf, "CHUNK_ROWS", 16)
+    data = save_images(tmp_path / "dd", odd=40)  # in the third piece: the first two were written already
+    with pytest.raises(ValueError, match=r"'data.image_key': the train split's images differ in shape "
+                                         r"\(\(12, 12, 3\), \(14, 14, 3\)\)"):
+        build_split(tmp_path / "cache", data, "train")
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_a_stop_while_decoding_keeps_nothing_and_a_damaged_file_is_refused(tmp_path):
+    data = save_images(tmp_path / "dd")
+    folder = tmp_path / "cache"
+    key = image_cache.cache_key(dataset_source(str(data), None), "train", "image", "label")
+    opened = []
+
+    def dataset():
+        opened.append(1)
+        return open_hf_split("train", str(data))
+
+    with pytest.raises(file_cache.Interrupted, match="stopped while decoding the train split"):
+        image_cache.prepare(folder, key, dataset, "train", should_stop=lambda: True)
+    assert os.listdir(folder) == [] and opened == [1]  # neither partial files nor the lock
+    image_cache.prepare(folder, key, dataset, "train")
+    image_cache.prepare(folder, key, dataset, "train")  # finished: the dataset is not even opened
+    assert opened == [1, 1] and image_cache.is_built(folder, key)
+    path = folder / f"{key}.images"
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 1)
+    with pytest.raises(ValueError, match=f"{path}.*delete the split's three files"):
+        image_cache.open_split(folder, key)
+
+
+def hf_args(out: Path, data: Path, *extra: str) -> list[str]:
+    return [str(CONFIG), f"output_dir={out}", "data.source=hf", f"data.path={data}", *SMALL, "data.limit=64",
+            "data.eval_limit=30", "train.micro_batch_size=16", "train.max_steps=3", *extra]
+
+
+def test_runs_decode_once_into_a_shared_cache_dir_and_resume_maps_the_run_folder(tmp_path):
+    data = save_images(tmp_path / "dd")
+    cache = tmp_path / "cache"
+    first = ok(metabolic("train", *hf_args(tmp_path / "a", data, f"data.cache_dir={cache}")))
+    assert first.stderr.count("decoding the") == 2  # train and test
+    second = ok(metabolic("train", *hf_args(tmp_path / "b", data, f"data.cache_dir={cache}")))
+    assert "decoding" not in second.stderr and not (tmp_path / "b" / "images").exists()
+    assert summary(tmp_path / "a")["eval/loss"] == summary(tmp_path / "b")["eval/loss"]
+    assert len(list(cache.glob("*.images"))) == 2
+    # Without cache_dir the splits go in the run, where a resume finds them.
+    ok(metabolic("train", *hf_args(tmp_path / "c", data)))
+    assert sorted(p.name for p in (tmp_path / "c" / "images").iterdir()) == sorted(p.name for p in cache.iterdir())
+    resumed = ok(metabolic("train", *hf_args(tmp_path / "c", data, "resume=true")))
+    assert "resumed from step 3" in resumed.stderr and "decoding" not in resumed.stderr
+    bad = metabolic("train", *hf_args(tmp_path / "d", data, "data.label_key=target"))
+    assert bad.returncode == 2 and "config key 'data.label_key': column 'target' not in" in bad.stderr
+    assert not (tmp_path / "d").exists()  # no empty run folder left behind
+
+
+def test_two_ranks_train_on_what_rank_0_decoded(tmp_path):
+    data = save_images(tmp_path / "dd")
+    proc = ok(torchrun(2, "-m", "metabolic", "train", *hf_args(tmp_path / "run", data), timeout=300))
+    assert proc.stderr.count("decoding the") == 2  # rank 0 alone, once per split
+    assert summary(tmp_path / "run")["step"] == 3
+    odd = save_images(tmp_path / "odd", odd=5)
+    proc = torchrun(2, "-m", "metabolic", "train", *hf_args(tmp_path / "bad", odd), timeout=300)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert "rank 0 could not prepare the data: ConfigError: config key 'data.image_key'" in proc.stderr
