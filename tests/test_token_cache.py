@@ -278,11 +278,11 @@ def test_ranks_wait_for_rank_0_past_the_collective_timeout():
     assert float(lines[3].split("after ")[1].split(" s")[0]) >= 4.5  # it did wait out rank 0's 5 s
 
 
-@pytest.mark.parametrize("signals", ["USR1", "INT INT"])
-def test_a_stop_signal_while_tokenizing_exits_for_a_resume(tmp_path, signals):
+@pytest.mark.parametrize("signals,tokenizer", [("USR1", "byte"), ("INT INT", "byte"), ("USR1", "bpe")])
+def test_a_stop_signal_while_tokenizing_exits_for_a_resume(tmp_path, signals, tokenizer):
     # SLURM's preemption notice, or Ctrl-C delivered twice at once by a launcher, during a long
-    # tokenization: exit 75, leaving neither a partial file nor a lock nor an empty run folder;
-    # the run started again tokenizes again.
+    # tokenization or while BPE training reads the corpus: exit 75, leaving neither a partial file
+    # nor a lock nor an empty run folder; the run started again prepares its data again.
     import signal
     import subprocess
     import sys
@@ -296,14 +296,16 @@ def test_a_stop_signal_while_tokenizing_exits_for_a_resume(tmp_path, signals):
     for i in range(400):  # ~5 MB in many documents: seconds to tokenize, checked between documents
         (corpus / f"doc{i:03d}.txt").write_text(text[(i * 12_000) % (len(text) - 12_000):][:12_000])
     out = tmp_path / "run"
-    args = lm_args(out, corpus, "data.limit=null")
+    args = lm_args(out, corpus, "data.limit=null", f"data.text.tokenizer={tokenizer}", "data.text.vocab_size=300")
+    starts, stopped = (("tokenizing the files corpus", "stopped while tokenizing") if tokenizer == "byte" else
+                       ("training a BPE tokenizer", "stopped while training the BPE tokenizer"))
     proc = subprocess.Popen([sys.executable, "-m", "metabolic", "train", *args], cwd=REPO, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         seen = []
         for line in proc.stderr:
             seen.append(line)
-            if "tokenizing the files corpus" in line:
+            if starts in line:
                 for name in signals.split():
                     proc.send_signal(getattr(signal, f"SIG{name}"))
                     time.sleep(0.05)
@@ -312,7 +314,7 @@ def test_a_stop_signal_while_tokenizing_exits_for_a_resume(tmp_path, signals):
     finally:
         proc.kill()
     assert proc.returncode == 75, "".join(seen) + rest
-    assert "stopped while tokenizing" in rest and "resume=true" in rest
+    assert stopped in rest and "resume=true" in rest
     assert not out.exists()  # nothing was written: no partial token file, no lock, no empty folders
     ok(metabolic("train", *args, "resume=true"))
     assert len(list((out / "tokens").glob("*.tokens"))) == 1 and summary(out)["step"] == 2

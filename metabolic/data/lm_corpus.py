@@ -63,7 +63,7 @@ def prepare(cfg: ExperimentConfig, run_dir: Path, should_stop: Callable[[], bool
             if d.cache_dir:
                 head = BPE_STREAM_CHARS if tx.streaming else None
                 shared = folder / f"bpe{tx.vocab_size}-{token_cache.digest(dict(source, head_chars=head))}"
-            prepare_bpe(tx.vocab_size, texts, run_dir, shared)
+            prepare_bpe(tx.vocab_size, texts, run_dir, shared, should_stop)
         tokenizer = load_tokenizer(tx.tokenizer, run_dir)
         cap = sequence_cap(cfg)
         max_tokens = None if cap is None else cap * tx.seq_len

@@ -7,8 +7,9 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
+from metabolic.data.file_cache import Interrupted
 from metabolic.data.text import EOT
 from metabolic.engine.config import ConfigError
 
@@ -54,12 +55,13 @@ def _publish(write: Callable[[Path], object], target: Path) -> None:
 
 
 def prepare_bpe(vocab_size: int, texts_fn: Callable[[], Iterable[str]], run_dir: Path,
-                shared: Optional[Path] = None) -> None:
+                shared: Optional[Path] = None, should_stop: Callable[[], bool] = lambda: False) -> None:
     """Rank 0: make sure the run has its BPE tokenizer in `run_dir/tokenizer` (kept on resume).
 
     shared: where a BPE tokenizer trained on the same corpus with the same size is kept between
     runs (data.cache_dir); it is copied into the run instead of training again, or put
-    there after training.
+    there after training. A stop seen while the trainer reads the corpus raises Interrupted
+    (the merges computed after reading are not interrupted).
     """
     saved = run_dir / "tokenizer"
     if (saved / "tokenizer.json").is_file():
@@ -69,10 +71,17 @@ def prepare_bpe(vocab_size: int, texts_fn: Callable[[], Iterable[str]], run_dir:
         _publish(lambda tmp: shutil.copytree(shared, tmp), saved)
         return
     print(f"[metabolic] training a BPE tokenizer of {vocab_size} ids on the corpus", file=sys.stderr, flush=True)
-    bpe = train_bpe(texts_fn(), vocab_size)
+    bpe = train_bpe(_until_stopped(texts_fn(), should_stop), vocab_size)
     _publish(lambda tmp: bpe.save_pretrained(str(tmp)), saved)
     if shared is not None:
         _publish(lambda tmp: shutil.copytree(saved, tmp), shared)
+
+
+def _until_stopped(texts: Iterable[str], should_stop: Callable[[], bool]) -> Iterator[str]:
+    for text in texts:
+        if should_stop():  # raised through the tokenizers library, which stops reading
+            raise Interrupted("stopped while training the BPE tokenizer; nothing was kept")
+        yield text
 
 
 def load_tokenizer(spec: str, run_dir: Path):
