@@ -156,7 +156,7 @@ def test_rgba_drops_alpha_and_each_channel_is_normalised_with_the_whole_train_sp
               for name, n in (("train", 12), ("test", 4))}
     datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))
     cfg = SimpleNamespace(source="hf", path=str(tmp_path / "dd"), hf_name=None, image_key="image",
-                          label_key="label", limit=None, eval_limit=None)
+                          label_key="label", image_size=None, limit=None, eval_limit=None)
     train, test = load_image_splits(cfg)
     assert train.images.shape == (12, 3, 5, 5) and test.images.shape == (4, 3, 5, 5)
     pixels = np.stack([np.asarray(im) for im in splits["train"]["image"]])[..., :3] / 255.0

@@ -144,3 +144,35 @@ def test_two_ranks_train_on_what_rank_0_decoded(tmp_path):
     proc = torchrun(2, "-m", "metabolic", "train", *hf_args(tmp_path / "bad", odd), timeout=300)
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert "rank 0 could not prepare the data: ConfigError: config key 'data.image_key'" in proc.stderr
+
+
+def test_image_size_resizes_and_crops_every_image_in_the_first_images_colour_mode(tmp_path):
+    import datasets
+    import PIL.Image
+
+    from metabolic.engine.config import ConfigError, load_config
+
+    halves = np.zeros((8, 16, 3), np.uint8)  # 16 wide, 8 high: already 8 on its shorter side
+    halves[:, 8:] = 255
+    images = [np.full((12, 12, 3), 90, np.uint8), halves, np.full((20, 10), 200, np.uint8),  # grayscale
+              np.full((8, 8, 4), 30, np.uint8)]  # RGBA
+    ds = datasets.Dataset.from_dict({"image": [PIL.Image.fromarray(a) for a in images], "label": [0, 1, 2, 3]},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "label": datasets.Value("int64")}))
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match="differ in shape.*set data.image_size"):
+        load_hf_split("train", path=str(tmp_path / "dd"))
+    folder = tmp_path / "cache"
+    source = dataset_source(str(tmp_path / "dd"), None)
+    key = image_cache.cache_key(source, "train", "image", "label", 8)
+    assert key != image_cache.cache_key(source, "train", "image", "label", 9)
+    record = image_cache.build(folder, key, open_hf_split("train", str(tmp_path / "dd")), "train", size=8)
+    cached, _ = image_cache.open_split(folder, key)
+    assert cached.images.shape == (4, 3, 8, 8) and record["image_size"] == 8 and cached.num_classes == 4
+    assert torch.equal(cached.images, load_hf_split("train", path=str(tmp_path / "dd"), size=8).images)
+    assert bool((cached.images[0] == 90).all()) and bool((cached.images[2] == 200).all())  # gray -> 3 equal channels
+    assert bool((cached.images[1, :, :, :4] == 0).all()) and bool((cached.images[1, :, :, 4:] == 255).all())
+    assert bool((cached.images[3] == 30).all())  # alpha dropped
+    for bad in ("data.image_size=0", "data.source=idx"):
+        with pytest.raises(ConfigError, match="config key 'data.image_size'"):
+            load_config(CONFIG, ["data.source=hf", "data.image_size=8", bad])

@@ -26,7 +26,8 @@ def load_image_splits(cfg, run_dir: Optional[Path] = None,
 
         train, test, stats = image_cache.load_splits(cfg, run_dir, keys)
     elif cfg.source == "hf":
-        kw = dict(path=cfg.path, hub_name=cfg.hf_name, image_key=cfg.image_key, label_key=cfg.label_key)
+        kw = dict(path=cfg.path, hub_name=cfg.hf_name, image_key=cfg.image_key, label_key=cfg.label_key,
+                  size=cfg.image_size)
         train, test = load_hf_split("train", **kw), load_hf_split("test", **kw)
     else:
         raise ConfigError(f"config key 'data.source': unknown source {cfg.source!r}")

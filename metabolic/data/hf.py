@@ -89,20 +89,25 @@ def num_classes(ds, label_key: str, labels_max: int) -> int:
 
 
 def decoded_chunks(ds, split: str, image_key: str = "image", label_key: str = "label",
-                   rows: Optional[int] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                   rows: Optional[int] = None, size: Optional[int] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The split's images as uint8 [n, C, H, W] and labels as int64 [n], `rows` samples at a time.
 
-    Grayscale images get one channel; RGBA loses its alpha channel (it carries no class). Every
+    Grayscale images get one channel; RGBA loses its alpha channel (it carries no class). With
+    `size`, every image is resized (shorter side to `size`, antialiased) and centre-cropped to
+    size x size in the colour mode of the split's first image (grayscale or RGB); without, every
     image must have the first one's shape: a batch is one tensor."""
-    ds, rows, first = ds.with_format("numpy"), rows or CHUNK_ROWS, None
+    ds, rows, first, gray = ds.with_format("numpy"), rows or CHUNK_ROWS, None, None
     for start in range(0, len(ds), rows):
         part = ds[start:start + rows]
         arrays = [np.asarray(im, dtype=np.uint8) for im in part[image_key]]
+        if size is not None and arrays:
+            gray = _is_gray(arrays[0]) if gray is None else gray
+            arrays = [_square(a, size, gray) for a in arrays]
         shapes = sorted({a.shape for a in arrays} | ({first} if first else set()))
         if len(shapes) > 1:
             raise ConfigError(f"config key 'data.image_key': the {split} split's images differ in shape "
                               f"({', '.join(map(str, shapes[:3]))}{', ...' if len(shapes) > 3 else ''}); "
-                              "resize them to one size and one colour mode first")
+                              "set data.image_size to resize them while decoding")
         first = shapes[0]
         images = np.stack(arrays)
         if images.ndim == 3:  # grayscale [n, H, W]
@@ -112,12 +117,31 @@ def decoded_chunks(ds, split: str, image_key: str = "image", label_key: str = "l
         yield np.ascontiguousarray(images), np.asarray(part[label_key], dtype=np.int64)
 
 
+def _is_gray(array: np.ndarray) -> bool:
+    return array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 1)
+
+
+def _square(array: np.ndarray, size: int, gray: bool) -> np.ndarray:
+    """`array` (H, W[, C]) resized so its shorter side is `size`, centre-cropped to size x size, as
+    grayscale (H, W) or RGB (H, W, 3)."""
+    import PIL.Image
+
+    image = PIL.Image.fromarray(array[..., 0] if _is_gray(array) and array.ndim == 3 else array)
+    image = image.convert("L" if gray else "RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    if (w, h) != (size, size):
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), PIL.Image.BILINEAR)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
 def load_hf_split(split: str, path: Optional[str] = None, hub_name: Optional[str] = None,
-                  image_key: str = "image", label_key: str = "label") -> ImageArrays:
+                  image_key: str = "image", label_key: str = "label", size: Optional[int] = None) -> ImageArrays:
     """A split decoded into memory as ImageArrays (training runs decode once into the image cache
-    instead, see image_cache.py)."""
+    instead, see image_cache.py); `size` as in decoded_chunks."""
     ds = open_hf_split(split, path, hub_name, image_key, label_key)
-    chunks = list(decoded_chunks(ds, split, image_key, label_key))
+    chunks = list(decoded_chunks(ds, split, image_key, label_key, size=size))
     images = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros((0, 1, 1, 1), np.uint8)
     labels = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, np.int64)
     classes = num_classes(ds, label_key, int(labels.max()) if len(labels) else -1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -32,10 +32,10 @@ FORMAT = 1
 """Bump when the file layout changes: the key includes it, so old files are not read."""
 
 
-def cache_key(source: dict, split: str, image_key: str, label_key: str) -> str:
-    """Key of a split's files for `source` (file_cache.dataset_source)."""
+def cache_key(source: dict, split: str, image_key: str, label_key: str, size: Optional[int] = None) -> str:
+    """Key of a split's files for `source` (file_cache.dataset_source), resized to `size` or not."""
     return digest({"format": FORMAT, "source": source, "split": split, "image_key": image_key,
-                   "label_key": label_key})
+                   "label_key": label_key, "size": size})
 
 
 def paths(folder: Path, key: str) -> tuple[Path, Path, Path]:
@@ -49,18 +49,20 @@ def is_built(folder: Path, key: str) -> bool:
 
 
 def prepare(folder: Path, key: str, dataset: Callable[[], object], split: str, image_key: str = "image",
-            label_key: str = "label", describe: str = "the dataset",
+            label_key: str = "label", size: Optional[int] = None, describe: str = "the dataset",
             should_stop: Callable[[], bool] = lambda: False) -> None:
     """Make sure split `split` of `dataset()` (a datasets.Dataset, opened only when it must be
     decoded) is decoded into `folder` under `key`, taking turns with other processes."""
     file_cache.prepare(folder, key, lambda: is_built(folder, key),
-                       lambda: build(folder, key, dataset(), split, image_key, label_key, describe, should_stop),
+                       lambda: build(folder, key, dataset(), split, image_key, label_key, size, describe, should_stop),
                        should_stop, f"decoding the {split} split of {describe}")
 
 
 def build(folder: Path, key: str, ds, split: str, image_key: str = "image", label_key: str = "label",
-          describe: str = "the dataset", should_stop: Callable[[], bool] = lambda: False) -> dict:
-    """Decode split `split` of `ds` into the files of `key`; returns its record.
+          size: Optional[int] = None, describe: str = "the dataset",
+          should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """Decode split `split` of `ds` (resized to `size`, see hf.decoded_chunks) into the files of
+    `key`; returns its record.
 
     Prints a progress line every file_cache.PROGRESS_EVERY_S seconds; raises file_cache.Interrupted
     (removing what it wrote) once `should_stop()` is true. A split another builder finished
@@ -73,7 +75,7 @@ def build(folder: Path, key: str, ds, split: str, image_key: str = "image", labe
     n, shape, top = 0, None, -1
     with writing(images_path) as tmp_images, writing(labels_path) as tmp_labels, \
             open(tmp_images, "wb") as fi, open(tmp_labels, "wb") as fl:
-        for images, labels in decoded_chunks(ds, split, image_key, label_key):
+        for images, labels in decoded_chunks(ds, split, image_key, label_key, size=size):
             if should_stop():
                 raise file_cache.Interrupted(f"stopped while decoding the {split} split of {describe}; "
                                              "nothing was kept")
@@ -89,7 +91,7 @@ def build(folder: Path, key: str, ds, split: str, image_key: str = "image", labe
     mean, std = stats.result() if split == "train" else (None, None)
     record = {"format": FORMAT, "num_samples": n, "sample_shape": list(shape or (1, 1, 1)),
               "num_classes": num_classes(ds, label_key, top), "mean": mean, "std": std,
-              "source": describe, "split": split, "seconds": round(progress.seconds, 3)}
+              "source": describe, "split": split, "image_size": size, "seconds": round(progress.seconds, 3)}
     write_record(record_path, record)
     log(f"decoded the {split} split of {describe}: {n:,} images {tuple(record['sample_shape'])} "
         f"in {record['seconds']:.1f} s")
@@ -125,10 +127,10 @@ def prepare_splits(data, run_dir: Path, should_stop: Callable[[], bool] = lambda
     keys = {}
     with file_cache.folder_ready(folder, config_key, shared=bool(data.cache_dir)):
         for split in ("train", "test"):
-            keys[split] = cache_key(source, split, data.image_key, data.label_key)
+            keys[split] = cache_key(source, split, data.image_key, data.label_key, data.image_size)
             prepare(folder, keys[split],
                     lambda s=split: open_hf_split(s, data.path, data.hf_name, data.image_key, data.label_key),
-                    split, data.image_key, data.label_key, where, should_stop)
+                    split, data.image_key, data.label_key, data.image_size, where, should_stop)
     return keys
 
 

@@ -71,6 +71,9 @@ class DataConfig:
     """Column holding the image for source=hf."""
     label_key: str = "label"
     """Column holding the label for source=hf."""
+    image_size: Optional[int] = None
+    """source=hf: resize each image's shorter side to this many pixels and centre-crop it square
+    while decoding (null: keep the sizes, which must all be equal)."""
     limit: Optional[int] = None
     """Use only the first N training samples (null = all)."""
     eval_limit: Optional[int] = None
@@ -287,6 +290,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(not tx.streaming or cfg.data.limit is not None, "data.limit", cfg.data.limit,
            "a number of sequences when data.text.streaming is true")
     _check(cfg.data.source in SOURCES, "data.source", cfg.data.source, f"one of {SOURCES}")
+    _check(cfg.data.image_size is None or (cfg.data.source == "hf" and cfg.data.image_size >= 1), "data.image_size",
+           cfg.data.image_size, "null, or a size >= 1 with data.source=hf")
     for key in ("limit", "eval_limit"):
         v = getattr(cfg.data, key)
         _check(v is None or v >= 1, f"data.{key}", v, "null or >= 1")
