@@ -68,5 +68,5 @@ def test_image_cache_benchmark_json_contract():
     # the benchmark itself checks that the mapped pixels and statistics equal the decoded ones
     assert res["samples"] == 300 and res["sample_shape"] == [1, 28, 28]
     assert res["in_memory_s"] > 0 and res["build_s"] > 0 and res["open_s"] > 0
-    assert res["open_ratio"] == pytest.approx(res["open_s"] / res["in_memory_s"])
+    assert res["open_ratio"] == pytest.approx(res["open_s"] / res["in_memory_s"]) and res["build_threads_s"] > 0
     assert res["bytes"] == {"in_memory_per_rank": 300 * 784, "pixel_file_per_machine": 300 * 784}

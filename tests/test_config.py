@@ -123,3 +123,15 @@ def test_cli_config_prints_the_resolved_config_with_each_keys_meaning():
 def test_every_shipped_config_loads_and_validates(path):
     cfg = load_config(path, [])
     assert cfg.train.epochs >= 1 and cfg.output_dir
+
+
+def test_a_moved_key_still_loads_from_old_config_files_and_overrides(tmp_path, capsys):
+    # Every run's config.yaml holds every key, so a run written before data.text.cache_dir moved
+    # to data.cache_dir must still load (its null is dropped; a value moves, with a notice).
+    old = tmp_path / "config.yaml"
+    old.write_text("data:\n  text:\n    cache_dir: null\n    seq_len: 64\n")
+    assert load_config(old).data.cache_dir is None and load_config(old).data.text.seq_len == 64
+    old.write_text("data:\n  text:\n    cache_dir: /shared/prepared\n")
+    assert load_config(old).data.cache_dir == "/shared/prepared"
+    assert load_config(None, ["data.text.cache_dir=/x"]).data.cache_dir == "/x"
+    assert "config key 'data.text.cache_dir' is now 'data.cache_dir'" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import CONFIG, SMALL, metabolic, ok, summary, torchrun
-from metabolic.data import file_cache, image_cache, load_hf_split, pixel_stats
+from metabolic.data import DatasetMissingError, file_cache, image_cache, load_hf_split, pixel_stats
 from metabolic.data.file_cache import dataset_source
 from metabolic.data.hf import open_hf_split
 
@@ -44,14 +44,14 @@ def build_split(folder: Path, data: Path, split: str, **kw) -> tuple[str, dict]:
     return key, image_cache.build(folder, key, ds, split, **kw)
 
 
-@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
-def test_cached_split_equals_the_split_decoded_in_memory(tmp_path, mode, monkeypatch):
+@pytest.mark.parametrize("mode,threads", [("RGB", 1), ("L", 3), ("RGBA", 2)])
+def test_cached_split_equals_the_split_decoded_in_memory(tmp_path, mode, threads, monkeypatch):
     import metabolic.data.hf as hf
 
     monkeypatch.setattr(hf, "CHUNK_ROWS", 16)  # several pieces, the last one short
     data = save_images(tmp_path / "dd", mode=mode)
     folder = tmp_path / "cache"
-    key, record = build_split(folder, data, "train")
+    key, record = build_split(folder, data, "train", threads=threads)
     cached, _ = image_cache.open_split(folder, key)
     direct = load_hf_split("train", path=str(data))
     assert cached.images.shape == direct.images.shape == (90, 1 if mode == "L" else 3, 12, 12)
@@ -72,23 +72,40 @@ def test_key_follows_the_files_the_split_and_the_columns(tmp_path):
     assert key != image_cache.cache_key(source, "test", "image", "label")
     assert key != image_cache.cache_key(source, "train", "img", "label")
     assert key != image_cache.cache_key(dataset_source(None, "org/name"), "train", "image", "label")
+    # A copy that keeps the files' times (a job staging the data to its node's disk) keeps the key;
+    # what a run writes inside the dataset's folder (its output_dir or cache) does not count.
+    import shutil
+
+    shutil.copytree(data, tmp_path / "staged")
+    assert key == image_cache.cache_key(dataset_source(str(tmp_path / "staged"), None), "train", "image", "label")
+    (data / "cache").mkdir()
+    (data / "cache" / "x.images").write_bytes(b"pixels")
+    (data / "y.images.tmp-host-1-abcd").write_bytes(b"a build in progress")
+    assert key == image_cache.cache_key(dataset_source(str(data), None, exclude=[data / "cache"]), "train", "image",
+                                        "label")
     arrow = next(data.rglob("*.arrow"))
     os.utime(arrow, ns=(arrow.stat().st_atime_ns, arrow.stat().st_mtime_ns + 10**9))  # the dataset was rewritten
     assert key != image_cache.cache_key(dataset_source(str(data), None), "train", "image", "label")
 
 
-def test_images_of_another_size_are_refused_and_nothing_is_kept(tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_images_of_another_size_are_refused_and_nothing_is_kept(tmp_path, monkeypatch, threads):
     import metabolic.data.hf as hf
 
     monkeypatch.setattr(hf, "CHUNK_ROWS", 16)
     data = save_images(tmp_path / "dd", odd=40)  # in the third piece: the first two were written already
     with pytest.raises(ValueError, match=r"'data.image_key': the train split's images differ in shape "
                                          r"\(\(12, 12, 3\), \(14, 14, 3\)\)"):
-        build_split(tmp_path / "cache", data, "train")
+        build_split(tmp_path / "cache", data, "train", threads=threads)
     assert os.listdir(tmp_path / "cache") == []
 
 
-def test_a_stop_while_decoding_keeps_nothing_and_a_damaged_file_is_refused(tmp_path):
+def test_a_stop_while_decoding_keeps_nothing_and_a_damaged_file_is_refused(tmp_path, monkeypatch):
+    import threading
+
+    import metabolic.data.hf as hf
+
+    monkeypatch.setattr(hf, "CHUNK_ROWS", 8)
     data = save_images(tmp_path / "dd")
     folder = tmp_path / "cache"
     key = image_cache.cache_key(dataset_source(str(data), None), "train", "image", "label")
@@ -98,16 +115,23 @@ def test_a_stop_while_decoding_keeps_nothing_and_a_damaged_file_is_refused(tmp_p
         opened.append(1)
         return open_hf_split("train", str(data))
 
+    looks = []
+
+    def stop_at_the_fourth_piece() -> bool:  # three pieces written, more being decoded by the threads
+        looks.append(1)
+        return len(looks) == 4
+
     with pytest.raises(file_cache.Interrupted, match="stopped while decoding the train split"):
-        image_cache.prepare(folder, key, dataset, "train", should_stop=lambda: True)
+        image_cache.prepare(folder, key, dataset, "train", should_stop=stop_at_the_fourth_piece, threads=2)
     assert os.listdir(folder) == [] and opened == [1]  # neither partial files nor the lock
+    assert not [t for t in threading.enumerate() if t.name.startswith("decode")]  # the threads are gone
     image_cache.prepare(folder, key, dataset, "train")
     image_cache.prepare(folder, key, dataset, "train")  # finished: the dataset is not even opened
     assert opened == [1, 1] and image_cache.is_built(folder, key)
     path = folder / f"{key}.images"
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 1)
-    with pytest.raises(ValueError, match=f"{path}.*delete the split's three files"):
+    with pytest.raises(DatasetMissingError, match=f"{path}.*delete the files {key}.\\* to build them again"):
         image_cache.open_split(folder, key)
 
 
@@ -176,3 +200,32 @@ def test_image_size_resizes_and_crops_every_image_in_the_first_images_colour_mod
     for bad in ("data.image_size=0", "data.source=idx"):
         with pytest.raises(ConfigError, match="config key 'data.image_size'"):
             load_config(CONFIG, ["data.source=hf", "data.image_size=8", bad])
+
+
+def test_without_file_locks_runs_build_without_taking_turns_and_leave_no_lock(tmp_path, monkeypatch):
+    # NFS mounted nolock, Lustre without flock: lockf fails with ENOLCK (simulated here).
+    import errno
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(file_cache.fcntl, "lockf", no_locks)
+    data = save_images(tmp_path / "dd")
+    folder = tmp_path / "cache"
+    key = image_cache.cache_key(dataset_source(str(data), None), "train", "image", "label")
+    with pytest.raises(KeyError) as failed:  # a build's own error is not reported as caused by the locks
+        image_cache.prepare(folder, key, lambda: {}["no dataset"], "train")
+    assert failed.value.__context__ is None and os.listdir(folder) == []
+    image_cache.prepare(folder, key, lambda: open_hf_split("train", str(data)), "train")
+    assert image_cache.is_built(folder, key) and not file_cache.lock_path(folder, key).exists()
+
+
+def test_a_disk_without_room_for_the_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
+    import collections
+
+    data = save_images(tmp_path / "dd")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(image_cache.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(DatasetMissingError, match=r"needs about 0.0 GiB, .* free: free space, or set data.cache_dir"):
+        build_split(tmp_path / "cache", data, "train")
+    assert os.listdir(tmp_path / "cache") == []

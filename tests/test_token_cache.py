@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import REPO, metabolic, ok, summary, torchrun
-from metabolic.data import file_cache, token_cache
+from metabolic.data import DatasetMissingError, file_cache, token_cache
 from metabolic.data.text import corpus_source, iter_documents, pack, shakespeare_files, split_train_val
 from metabolic.data.token_cache import TokenRows
 from metabolic.data.tokenizer import byte_tokenizer, train_bpe
@@ -126,7 +126,7 @@ def test_key_follows_the_end_of_text_token(tmp_path, corpus):
     chat = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, eos_token="<0x0A>")
     assert chat.eos_token_id != base.eos_token_id and key_of(corpus, chat) != key_of(corpus, base)
     token_cache.build(tmp_path, "k", ["ab"], base)
-    with pytest.raises(ValueError, match="end-of-text 256"):
+    with pytest.raises(DatasetMissingError, match="end-of-text 256"):
         token_cache.open_tokens(tmp_path, "k", chat)
 
 
@@ -207,7 +207,7 @@ def test_a_damaged_file_is_refused_naming_it(tmp_path, corpus):
     path = folder / f"{key}.tokens"
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 2)
-    with pytest.raises(ValueError, match=f"{path}.*delete both files"):
+    with pytest.raises(DatasetMissingError, match=f"{path}.*delete the files {key}.\\* to build them again"):
         token_cache.open_tokens(folder, key)
 
 

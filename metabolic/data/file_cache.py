@@ -27,6 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
+import numpy as np
+
 from metabolic.data.idx import DatasetMissingError
 from metabolic.engine.config import ConfigError
 
@@ -36,8 +38,8 @@ NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 """lockf errors of file systems without locks (NFS with nolock, Lustre without flock, some FUSE)."""
 WAIT_POLL_S = 5.0
 """Seconds between looks at a folder where another process is building."""
-VISIBLE_WAIT_S = 10.0
-"""How long a rank looks for the files rank 0 finished (a network file system may show them late)."""
+VISIBLE_WAIT_S = 90.0
+"""How long a rank looks for the files rank 0 finished (NFS may cache a name's absence for 60 s)."""
 
 
 class Interrupted(Exception):
@@ -58,13 +60,26 @@ def file_stats(files: Iterable[Path]) -> list[list]:
     return out
 
 
-def dataset_source(path: Optional[str], hub_name: Optional[str]) -> dict:
-    """What decides a Hugging Face dataset's content, for a key: the files under its local path
-    with their size and modification time, or its hub name (a changed hub dataset is not noticed)."""
-    if path and Path(path).exists():
-        p = Path(path)
-        return {"files": file_stats(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])}
-    return {"hf_name": hub_name}
+def dataset_source(path: Optional[str], hub_name: Optional[str], exclude: Iterable[Path] = ()) -> dict:
+    """What decides a Hugging Face dataset's content, for a key: its local files (names relative to
+    `path`, so a copy made with its times kept, e.g. to a node's scratch disk, keeps the key) with
+    their size and modification time, or its hub name (a changed hub dataset is not noticed).
+    Files under `exclude` (the run's or cache's own folders, when they lie inside `path`) and
+    builds in progress do not count."""
+    if not (path and Path(path).exists()):
+        return {"hf_name": hub_name}
+    root = Path(path)
+    skip = [Path(e).resolve() for e in exclude]
+    files = []
+    for f in sorted(root.rglob("*")) if root.is_dir() else [root]:
+        try:
+            if ".tmp-" in f.name or any(f.resolve().is_relative_to(e) for e in skip) or not f.is_file():
+                continue
+            st = f.stat()
+        except OSError:  # gone since the listing (another run's temporary file)
+            continue
+        files.append([f.relative_to(root).as_posix() if root.is_dir() else f.name, st.st_size, st.st_mtime_ns])
+    return {"files": files}
 
 
 def folder_of(cache_dir: Optional[str], run_dir: Path, default: str) -> tuple[Path, str]:
@@ -105,6 +120,22 @@ def wait_visible(is_built: Callable[[], bool], folder: Path, config_key: str, wh
         time.sleep(0.5)
 
 
+def map_readonly(path: Path, dtype: np.dtype, shape: tuple, record: Path) -> np.ndarray:
+    """`path` as an array of `shape`, memory-mapped read-only and shared: its pages are the page
+    cache's, one copy per machine, and the map is not counted against the memory commit limit
+    (a writable private map is, at the file's full size, so it fails for files larger than memory).
+    Its size is checked against what `record` says first."""
+    dtype = np.dtype(dtype)
+    want, size = int(np.prod(shape)) * dtype.itemsize, path.stat().st_size
+    if size != want:
+        raise DatasetMissingError(f"{path}: {size:,} bytes where its record {record.name} says {want:,} "
+                                  f"({'x'.join(map(str, shape))} {dtype.name}); delete the files "
+                                  f"{record.stem}.* to build them again")
+    if want == 0:
+        return np.empty(shape, dtype=dtype)  # mmap refuses empty files
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+
+
 def log(msg: str) -> None:
     print(f"[metabolic] {msg}", file=sys.stderr, flush=True)
 
@@ -126,6 +157,10 @@ def prepare(folder: Path, key: str, is_built: Callable[[], bool], build: Callabl
             for old in folder.glob(f"{key}.*.tmp-*") if held else ():
                 if dead_here(old):  # a killed builder's; locks that hold on one machine only do not prove more
                     old.unlink(missing_ok=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        log(f"left in place: {old} ({old.stat().st_size:,} bytes), a build by another machine or a "
+                            "live process; delete it once no run uses this folder")
             build()
 
 
@@ -135,6 +170,22 @@ def locked(lock: Path, should_stop: Callable[[], bool], doing: str) -> Iterator[
     released by the kernel when the holder dies, so no lock outlives its process (on NFS, through
     its lock manager). The holder removes the file before releasing it; a waiter that then holds
     the removed file's lock tries again."""
+    fd = _acquire(lock, should_stop, doing)
+    if fd is None:  # go on without taking turns (publishing is still safe)
+        yield False
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _acquire(lock: Path, should_stop: Callable[[], bool], doing: str) -> Optional[int]:
+    """The descriptor of `lock` once this process holds its lock, waiting while another holds it;
+    None on a file system without locks."""
     waited = None
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -142,10 +193,10 @@ def locked(lock: Path, should_stop: Callable[[], bool], doing: str) -> Iterator[
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             os.close(fd)
-            if err.errno in NO_LOCKS:  # go on without taking turns (publishing is still safe)
+            if err.errno in NO_LOCKS:
                 log(f"no file locks on the file system of {lock} ({err.strerror}); {doing} without taking turns")
-                yield False
-                return
+                lock.unlink(missing_ok=True)
+                return None
             if err.errno not in (errno.EAGAIN, errno.EACCES):  # not "someone holds it"
                 raise
             if should_stop():
@@ -160,14 +211,7 @@ def locked(lock: Path, should_stop: Callable[[], bool], doing: str) -> Iterator[
         except OSError:  # removed by its last holder (or a stale handle): try again
             same = False
         if same:
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-        yield True
-    finally:
-        lock.unlink(missing_ok=True)
+            return fd
         os.close(fd)
 
 

@@ -5,6 +5,8 @@ Hub loading is real code for users with a network; tests use local files only.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -16,7 +18,11 @@ from metabolic.data.idx import DatasetMissingError
 from metabolic.engine.config import ConfigError
 
 CHUNK_ROWS = 1024
-"""Images decoded per piece (one piece in memory at a time while a split is cached)."""
+"""Most images decoded per piece (a few pieces are in memory at a time while a split is cached)."""
+CHUNK_BYTES = 64 << 20
+"""Most decoded bytes per piece (large images make pieces of fewer rows)."""
+FIRST_ROWS = 16
+"""Images of the first piece, which tells the size of the rest."""
 _FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
 
 
@@ -89,32 +95,65 @@ def num_classes(ds, label_key: str, labels_max: int) -> int:
 
 
 def decoded_chunks(ds, split: str, image_key: str = "image", label_key: str = "label",
-                   rows: Optional[int] = None, size: Optional[int] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The split's images as uint8 [n, C, H, W] and labels as int64 [n], `rows` samples at a time.
+                   rows: Optional[int] = None, size: Optional[int] = None,
+                   workers: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The split's images as uint8 [n, C, H, W] and labels as int64 [n], at most `rows` samples (and
+    about CHUNK_BYTES) at a time, in order, decoded by `workers` threads (Pillow decodes and
+    resizes without the GIL).
 
     Grayscale images get one channel; RGBA loses its alpha channel (it carries no class). With
     `size`, every image is resized (shorter side to `size`, antialiased) and centre-cropped to
     size x size in the colour mode of the split's first image (grayscale or RGB); without, every
     image must have the first one's shape: a batch is one tensor."""
-    ds, rows, first, gray = ds.with_format("numpy"), rows or CHUNK_ROWS, None, None
-    for start in range(0, len(ds), rows):
-        part = ds[start:start + rows]
-        arrays = [np.asarray(im, dtype=np.uint8) for im in part[image_key]]
-        if size is not None and arrays:
-            gray = _is_gray(arrays[0]) if gray is None else gray
-            arrays = [_square(a, size, gray) for a in arrays]
-        shapes = sorted({a.shape for a in arrays} | ({first} if first else set()))
-        if len(shapes) > 1:
-            raise ConfigError(f"config key 'data.image_key': the {split} split's images differ in shape "
-                              f"({', '.join(map(str, shapes[:3]))}{', ...' if len(shapes) > 3 else ''}); "
-                              "set data.image_size to resize them while decoding")
-        first = shapes[0]
-        images = np.stack(arrays)
-        if images.ndim == 3:  # grayscale [n, H, W]
-            images = images[:, None]
-        elif images.ndim == 4 and images.shape[-1] in (1, 3, 4):  # channels-last
-            images = images[..., :3].transpose(0, 3, 1, 2)
-        yield np.ascontiguousarray(images), np.asarray(part[label_key], dtype=np.int64)
+    ds, rows = ds.select_columns([image_key, label_key]).with_format("numpy"), rows or CHUNK_ROWS
+    if len(ds) == 0:
+        return
+    first = min(rows, FIRST_ROWS)
+    images, labels, shape, gray = _decode(ds, split, 0, first, image_key, label_key, size)
+    yield images, labels
+    rows = max(1, min(rows, CHUNK_BYTES // max(images[0].nbytes, 1)))  # pieces of at most ~64 MiB
+
+    def piece(start: int) -> tuple[np.ndarray, np.ndarray]:
+        return _decode(ds, split, start, rows, image_key, label_key, size, shape, gray)[:2]
+
+    starts = range(first, len(ds), rows)
+    if workers <= 1:
+        yield from map(piece, starts)
+        return
+    pending: deque = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        try:
+            for start in starts:
+                pending.append(pool.submit(piece, start))
+                if len(pending) >= 2 * workers:  # a bounded read-ahead: memory stays a few pieces
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:  # stopped early: do not decode what nobody will read
+                future.cancel()
+
+
+def _decode(ds, split: str, start: int, rows: int, image_key: str, label_key: str, size: Optional[int],
+            shape: Optional[tuple] = None, gray: Optional[bool] = None) -> tuple[np.ndarray, np.ndarray, tuple, bool]:
+    """Rows [start, start + rows) as (images [n, C, H, W], labels, the images' shape before stacking,
+    grayscale or not); `shape` and `gray` come from the first piece."""
+    part = ds[start:start + rows]
+    arrays = [np.asarray(im, dtype=np.uint8) for im in part[image_key]]
+    gray = _is_gray(arrays[0]) if gray is None else gray
+    if size is not None:
+        arrays = [_square(a, size, gray) for a in arrays]
+    shapes = sorted({a.shape for a in arrays} | ({shape} if shape else set()))
+    if len(shapes) > 1:
+        raise ConfigError(f"config key 'data.image_key': the {split} split's images differ in shape "
+                          f"({', '.join(map(str, shapes[:3]))}{', ...' if len(shapes) > 3 else ''}); "
+                          "set data.image_size to resize them while decoding")
+    images = np.stack(arrays)
+    if images.ndim == 3:  # grayscale [n, H, W]
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3, 4):  # channels-last
+        images = images[..., :3].transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(images), np.ascontiguousarray(part[label_key], dtype=np.int64), shapes[0], gray
 
 
 def _is_gray(array: np.ndarray) -> bool:

@@ -6,17 +6,21 @@ one copy of the decoded set per rank, which at ImageNet's size does not fit at a
 rank 0 decodes each split once, one piece at a time, into a flat file of uint8 pixels
 [N, C, H, W] (row i is sample i), a file of int64 labels and a JSON record of the shape, the
 class count and, for the training split, the per-channel pixel mean and std that normalise
-both splits. Every rank maps the pixels read-only and copy-on-write (torch.from_file): the
-ranks of a machine share one copy in the page cache, and a batch reads only its own rows.
+both splits. Every rank maps the pixels read-only: the ranks of a machine share one copy in the
+page cache, and a batch reads only its own rows.
 
-Files are named by a key over the dataset's local files (path, size, modification time) or hub
+Files are named by a key over the dataset's local files (names, sizes, modification times) or hub
 name, the split and the two columns; runs sharing data.cache_dir take turns and never replace
 a finished file (file_cache.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,9 +31,12 @@ from metabolic.data import file_cache
 from metabolic.data.arrays import ImageArrays, PixelStats
 from metabolic.data.file_cache import Progress, digest, log, write_record, writing
 from metabolic.data.hf import decoded_chunks, num_classes, open_hf_split
+from metabolic.data.idx import DatasetMissingError
 
 FORMAT = 1
 """Bump when the file layout changes: the key includes it, so old files are not read."""
+MAX_THREADS = 8
+"""Most decoding threads by default (Pillow decodes without the GIL, the rest holds it)."""
 
 
 def cache_key(source: dict, split: str, image_key: str, label_key: str, size: Optional[int] = None) -> str:
@@ -48,39 +55,49 @@ def is_built(folder: Path, key: str) -> bool:
     return all(p.is_file() for p in paths(folder, key))
 
 
+def decode_threads(requested: int) -> int:
+    """data.decode_threads resolved: 0 means one per CPU core, at most MAX_THREADS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return requested or max(1, min(MAX_THREADS, cores))  # the cores this process may use (SLURM, taskset)
+
+
 def prepare(folder: Path, key: str, dataset: Callable[[], object], split: str, image_key: str = "image",
             label_key: str = "label", size: Optional[int] = None, describe: str = "the dataset",
-            should_stop: Callable[[], bool] = lambda: False) -> None:
+            should_stop: Callable[[], bool] = lambda: False, threads: int = 1) -> None:
     """Make sure split `split` of `dataset()` (a datasets.Dataset, opened only when it must be
     decoded) is decoded into `folder` under `key`, taking turns with other processes."""
     file_cache.prepare(folder, key, lambda: is_built(folder, key),
-                       lambda: build(folder, key, dataset(), split, image_key, label_key, size, describe, should_stop),
+                       lambda: build(folder, key, dataset(), split, image_key, label_key, size, describe, should_stop,
+                                     threads),
                        should_stop, f"decoding the {split} split of {describe}")
 
 
 def build(folder: Path, key: str, ds, split: str, image_key: str = "image", label_key: str = "label",
           size: Optional[int] = None, describe: str = "the dataset",
-          should_stop: Callable[[], bool] = lambda: False) -> dict:
-    """Decode split `split` of `ds` (resized to `size`, see hf.decoded_chunks) into the files of
-    `key`; returns its record.
+          should_stop: Callable[[], bool] = lambda: False, threads: int = 1) -> dict:
+    """Decode split `split` of `ds` (resized to `size`, by `threads` threads, see hf.decoded_chunks)
+    into the files of `key`; returns its record.
 
     Prints a progress line every file_cache.PROGRESS_EVERY_S seconds; raises file_cache.Interrupted
     (removing what it wrote) once `should_stop()` is true. A split another builder finished
     meanwhile is kept, not replaced."""
     folder.mkdir(parents=True, exist_ok=True)
     images_path, labels_path, record_path = paths(folder, key)
-    log(f"decoding the {split} split of {describe} ({len(ds):,} images) into {images_path} "
-        "(once; later runs and ranks memory-map it)")
+    log(f"decoding the {split} split of {describe} ({len(ds):,} images, {threads} thread{'s' * (threads > 1)}) "
+        f"into {images_path} (once; later runs and ranks memory-map it)")
     progress, stats = Progress(), PixelStats()
     n, shape, top = 0, None, -1
+    pieces = decoded_chunks(ds, split, image_key, label_key, size=size, workers=threads)
     with writing(images_path) as tmp_images, writing(labels_path) as tmp_labels, \
-            open(tmp_images, "wb") as fi, open(tmp_labels, "wb") as fl:
-        for images, labels in decoded_chunks(ds, split, image_key, label_key, size=size):
+            open(tmp_images, "wb") as fi, open(tmp_labels, "wb") as fl, contextlib.closing(pieces):
+        for images, labels in pieces:
+            if n == 0:
+                _check_space(folder, len(ds) * images[0].nbytes, f"the {split} split of {describe}")
             if should_stop():
                 raise file_cache.Interrupted(f"stopped while decoding the {split} split of {describe}; "
                                              "nothing was kept")
-            fi.write(images.tobytes())
-            fl.write(labels.tobytes())
+            fi.write(memoryview(images).cast("B"))  # no bytes copy of the piece
+            fl.write(memoryview(labels).cast("B"))
             shape, n = images.shape[1:], n + images.shape[0]
             top = max(top, int(labels.max()))
             if split == "train":
@@ -98,31 +115,32 @@ def build(folder: Path, key: str, ds, split: str, image_key: str = "image", labe
     return record
 
 
+def _check_space(folder: Path, need: int, what: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise DatasetMissingError(f"decoding {what} needs about {need / 2**30:.1f} GiB, {folder} has "
+                                  f"{free / 2**30:.1f} GiB free: free space, or set data.cache_dir to a larger disk")
+
+
 def open_split(folder: Path, key: str) -> tuple[ImageArrays, dict]:
-    """A finished split as ImageArrays on its memory-mapped pixels, with its record."""
+    """A finished split as ImageArrays on its memory-mapped pixels (read-only: nothing may write into
+    `images`), with its record."""
     images_path, labels_path, record_path = paths(folder, key)
     record = json.loads(record_path.read_text())
     n, shape = int(record["num_samples"]), tuple(record["sample_shape"])
-    sizes = {images_path: n * int(np.prod(shape)), labels_path: n * 8}
-    for path, size in sizes.items():
-        if path.stat().st_size != size:
-            raise ValueError(f"image cache {path}: {path.stat().st_size:,} bytes where its record {record_path.name} "
-                             f"says {size:,} ({n:,} samples of {shape}); delete the split's three files "
-                             "to decode it again")
-    if n == 0:
-        images, labels = torch.zeros((0, *shape), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
-    else:  # private mappings: pages are shared in the page cache and the file is never written
-        images = torch.from_file(str(images_path), shared=False, size=sizes[images_path],
-                                 dtype=torch.uint8).view(n, *shape)
-        labels = torch.from_numpy(np.fromfile(labels_path, dtype=np.int64))
-    return ImageArrays(images, labels, num_classes=int(record["num_classes"])), record
+    pixels = file_cache.map_readonly(images_path, np.uint8, (n, *shape), record_path)
+    labels = np.array(file_cache.map_readonly(labels_path, np.int64, (n,), record_path))
+    with warnings.catch_warnings():  # torch would copy nothing, and nothing writes into the pixels
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        images = torch.from_numpy(pixels)
+    return ImageArrays(images, torch.from_numpy(labels), num_classes=int(record["num_classes"])), record
 
 
 def prepare_splits(data, run_dir: Path, should_stop: Callable[[], bool] = lambda: False) -> dict[str, str]:
     """Rank 0: both splits of a source=hf DataConfig decoded into the image cache when missing;
     returns {split: key}."""
     folder, config_key = image_folder(data, run_dir)
-    source = file_cache.dataset_source(data.path, data.hf_name)
+    source = file_cache.dataset_source(data.path, data.hf_name, exclude=(folder, run_dir))
     where = f"'{data.path}'" if data.path and Path(data.path).exists() else f"'{data.hf_name or data.path}'"
     keys = {}
     with file_cache.folder_ready(folder, config_key, shared=bool(data.cache_dir)):
@@ -130,7 +148,8 @@ def prepare_splits(data, run_dir: Path, should_stop: Callable[[], bool] = lambda
             keys[split] = cache_key(source, split, data.image_key, data.label_key, data.image_size)
             prepare(folder, keys[split],
                     lambda s=split: open_hf_split(s, data.path, data.hf_name, data.image_key, data.label_key),
-                    split, data.image_key, data.label_key, data.image_size, where, should_stop)
+                    split, data.image_key, data.label_key, data.image_size, where, should_stop,
+                    decode_threads(data.decode_threads))
     return keys
 
 

@@ -25,6 +25,7 @@ import torch
 
 from metabolic.data import file_cache
 from metabolic.data.file_cache import Interrupted, Progress, digest, lock_path, log, write_record, writing
+from metabolic.data.idx import DatasetMissingError
 
 __all__ = ["Interrupted", "TokenRows", "build", "cache_key", "digest", "is_built", "lock_path", "open_tokens",
            "prepare", "token_dtype"]
@@ -150,17 +151,9 @@ def open_tokens(folder: Path, key: str, tokenizer=None) -> np.ndarray:
     tokens_path, record_path = paths(folder, key)
     record = json.loads(record_path.read_text())
     if tokenizer is not None and (record["vocab_size"], record["eot_id"]) != (len(tokenizer), tokenizer.eos_token_id):
-        raise ValueError(f"token cache {tokens_path}: written for {record['vocab_size']} ids with end-of-text "
+        raise DatasetMissingError(f"token cache {tokens_path}: written for {record['vocab_size']} ids with end-of-text "
                          f"{record['eot_id']}, the tokenizer has {len(tokenizer)} and {tokenizer.eos_token_id}")
-    dtype = np.dtype(record["dtype"])
-    n = int(record["num_tokens"])
-    size = tokens_path.stat().st_size
-    if size != n * dtype.itemsize:
-        raise ValueError(f"token cache {tokens_path}: {size:,} bytes where its record {record_path.name} says "
-                         f"{n:,} {dtype.name} tokens; delete both files to tokenize the corpus again")
-    if n == 0:
-        return np.empty(0, dtype=dtype)  # mmap refuses empty files
-    return np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n,))
+    return file_cache.map_readonly(tokens_path, np.dtype(record["dtype"]), (int(record["num_tokens"]),), record_path)
 
 
 class TokenRows:

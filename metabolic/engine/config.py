@@ -74,6 +74,9 @@ class DataConfig:
     image_size: Optional[int] = None
     """source=hf: resize each image's shorter side to this many pixels and centre-crop it square
     while decoding (null: keep the sizes, which must all be equal)."""
+    decode_threads: int = 0
+    """source=hf: threads rank 0 decodes images with when it fills the image cache (0: one per
+    CPU core, at most 8)."""
     limit: Optional[int] = None
     """Use only the first N training samples (null = all)."""
     eval_limit: Optional[int] = None
@@ -292,6 +295,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(cfg.data.source in SOURCES, "data.source", cfg.data.source, f"one of {SOURCES}")
     _check(cfg.data.image_size is None or (cfg.data.source == "hf" and cfg.data.image_size >= 1), "data.image_size",
            cfg.data.image_size, "null, or a size >= 1 with data.source=hf")
+    _check(cfg.data.decode_threads >= 0, "data.decode_threads", cfg.data.decode_threads, ">= 0")
     for key in ("limit", "eval_limit"):
         v = getattr(cfg.data, key)
         _check(v is None or v >= 1, f"data.{key}", v, "null or >= 1")
@@ -373,6 +377,23 @@ def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
     return ConfigError(msg)
 
 
+MOVED_KEYS = {"data.text.cache_dir": "data.cache_dir"}
+"""Keys that moved: {old: new}. Old config files (every run's config.yaml holds every key) still load."""
+
+
+def _moved_in_file(file_cfg: DictConfig, path: Path) -> DictConfig:
+    for old, new in MOVED_KEYS.items():
+        parent, _, leaf = old.rpartition(".")
+        node = OmegaConf.select(file_cfg, parent)
+        if isinstance(node, DictConfig) and leaf in node:
+            value = node.pop(leaf)
+            if value is not None:
+                print(f"[metabolic] {path}: config key '{old}' is now '{new}'", file=sys.stderr)
+                if OmegaConf.select(file_cfg, new) is None:
+                    OmegaConf.update(file_cfg, new, value, force_add=True)
+    return file_cfg
+
+
 def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> ExperimentConfig:
     """Merge schema defaults <- YAML file <- dotlist overrides, then validate.
 
@@ -391,11 +412,14 @@ def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Experi
                 raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}")
             if not isinstance(file_cfg, DictConfig):
                 raise ConfigError(f"config file '{path}' must hold a mapping of keys")
-            merged = OmegaConf.merge(merged, file_cfg)
+            merged = OmegaConf.merge(merged, _moved_in_file(file_cfg, path))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' must look like key=value")
             key = item.split("=", 1)[0]
+            if key in MOVED_KEYS:
+                print(f"[metabolic] config key '{key}' is now '{MOVED_KEYS[key]}'", file=sys.stderr)
+                key, item = MOVED_KEYS[key], f"{MOVED_KEYS[key]}={item.split('=', 1)[1]}"
             try:
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
             except OmegaConfBaseException as err:
