@@ -8,7 +8,8 @@ training split ready:
 - in_memory: what every rank did before the cache, at every start: decode every image into a
   uint8 tensor in its own memory (`load_hf_split`) and sum the pixel statistics over it;
 - build: the cache's first run: rank 0 decodes piece by piece into the pixel file, statistics
-  summed on the way, with one thread and with data.decode_threads' default;
+  summed on the way, with one thread and with one per core (data.decode_threads' default for
+  images of 32 KiB or more);
 - open: every other rank, and every later or resumed run: map the pixel file.
 Also the median time to read one random normalised training batch (ImageArrays.batch) from the
 tensor and from the map, and the bytes each rank holds.
@@ -72,7 +73,7 @@ def _jpeg(image) -> dict:
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     from metabolic.data import image_cache, load_hf_split, pixel_stats
-    from metabolic.data.image_cache import decode_threads
+    from metabolic.data.hf import MAX_THREADS, cores
     from metabolic.data.file_cache import dataset_source
     from metabolic.data.hf import open_hf_split
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        data, size, threads = Path(tmp) / "dd", a.side or None, decode_threads(0)
+        data, size, threads = Path(tmp) / "dd", a.side or None, cores(MAX_THREADS)
         save_dataset(a.idx, a.samples, a.side, data)
         key = image_cache.cache_key(dataset_source(str(data), None), "train", "image", "label", size)
 

@@ -174,7 +174,7 @@ def test_batch_keeps_indices_and_augments_reproducibly():
     images = torch.arange(4 * 1 * 6 * 6, dtype=torch.float32).reshape(4, 1, 6, 6).to(torch.uint8)
     arrays = ImageArrays(images, torch.tensor([0, 1, 2, 3]), num_classes=4, mean=(0.0,), std=(1.0,))
     x, y = arrays.batch(torch.tensor([3, 1]))
-    assert y.tolist() == [3, 1] and torch.equal(x[0], images[3].float() / 255)
+    assert y.tolist() == [3, 1] and torch.allclose(x[0], images[3].float() / 255, rtol=1e-6, atol=0)
     a = random_crop_flip(x, 2, torch.Generator().manual_seed(5))
     b = random_crop_flip(x, 2, torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.shape == x.shape
@@ -184,3 +184,20 @@ def test_batch_keeps_indices_and_augments_reproducibly():
     same = random_crop_flip(x, 0, torch.Generator().manual_seed(3))
     for out, img in zip(same, x):
         assert torch.equal(out, img) or torch.equal(out, img.flip(-1))
+
+
+def test_crop_flip_equals_a_per_sample_reference():
+    # The clear version: draw the same shifts and flips, then crop and mirror one sample at a time.
+    def reference(x, pad, generator):
+        n, _, h, w = x.shape
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        flip = torch.rand(n, generator=generator) < 0.5
+        out = [padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)]
+        return torch.stack([o.flip(-1) if f else o for o, f in zip(out, flip.tolist())])
+
+    x = torch.rand(64, 3, 9, 7)
+    for pad in (0, 1, 2, 4):
+        got = random_crop_flip(x, pad, torch.Generator().manual_seed(pad))
+        assert torch.equal(got, reference(x, pad, torch.Generator().manual_seed(pad)))

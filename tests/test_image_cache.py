@@ -44,7 +44,7 @@ def build_split(folder: Path, data: Path, split: str, **kw) -> tuple[str, dict]:
     return key, image_cache.build(folder, key, ds, split, **kw)
 
 
-@pytest.mark.parametrize("mode,threads", [("RGB", 1), ("L", 3), ("RGBA", 2)])
+@pytest.mark.parametrize("mode,threads", [("RGB", 1), ("L", 3), ("RGBA", 2), ("RGB", 0)])
 def test_cached_split_equals_the_split_decoded_in_memory(tmp_path, mode, threads, monkeypatch):
     import metabolic.data.hf as hf
 

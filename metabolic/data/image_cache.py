@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -35,8 +34,6 @@ from metabolic.data.idx import DatasetMissingError
 
 FORMAT = 1
 """Bump when the file layout changes: the key includes it, so old files are not read."""
-MAX_THREADS = 8
-"""Most decoding threads by default (Pillow decodes without the GIL, the rest holds it)."""
 
 
 def cache_key(source: dict, split: str, image_key: str, label_key: str, size: Optional[int] = None) -> str:
@@ -55,15 +52,9 @@ def is_built(folder: Path, key: str) -> bool:
     return all(p.is_file() for p in paths(folder, key))
 
 
-def decode_threads(requested: int) -> int:
-    """data.decode_threads resolved: 0 means one per CPU core, at most MAX_THREADS."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return requested or max(1, min(MAX_THREADS, cores))  # the cores this process may use (SLURM, taskset)
-
-
 def prepare(folder: Path, key: str, dataset: Callable[[], object], split: str, image_key: str = "image",
             label_key: str = "label", size: Optional[int] = None, describe: str = "the dataset",
-            should_stop: Callable[[], bool] = lambda: False, threads: int = 1) -> None:
+            should_stop: Callable[[], bool] = lambda: False, threads: int = 0) -> None:
     """Make sure split `split` of `dataset()` (a datasets.Dataset, opened only when it must be
     decoded) is decoded into `folder` under `key`, taking turns with other processes."""
     file_cache.prepare(folder, key, lambda: is_built(folder, key),
@@ -74,17 +65,17 @@ def prepare(folder: Path, key: str, dataset: Callable[[], object], split: str, i
 
 def build(folder: Path, key: str, ds, split: str, image_key: str = "image", label_key: str = "label",
           size: Optional[int] = None, describe: str = "the dataset",
-          should_stop: Callable[[], bool] = lambda: False, threads: int = 1) -> dict:
-    """Decode split `split` of `ds` (resized to `size`, by `threads` threads, see hf.decoded_chunks)
-    into the files of `key`; returns its record.
+          should_stop: Callable[[], bool] = lambda: False, threads: int = 0) -> dict:
+    """Decode split `split` of `ds` (resized to `size`, by `threads` threads, 0: chosen by the
+    image size, see hf.decoded_chunks) into the files of `key`; returns its record.
 
     Prints a progress line every file_cache.PROGRESS_EVERY_S seconds; raises file_cache.Interrupted
     (removing what it wrote) once `should_stop()` is true. A split another builder finished
     meanwhile is kept, not replaced."""
     folder.mkdir(parents=True, exist_ok=True)
     images_path, labels_path, record_path = paths(folder, key)
-    log(f"decoding the {split} split of {describe} ({len(ds):,} images, {threads} thread{'s' * (threads > 1)}) "
-        f"into {images_path} (once; later runs and ranks memory-map it)")
+    log(f"decoding the {split} split of {describe} ({len(ds):,} images) into {images_path} "
+        "(once; later runs and ranks memory-map it)")
     progress, stats = Progress(), PixelStats()
     n, shape, top = 0, None, -1
     pieces = decoded_chunks(ds, split, image_key, label_key, size=size, workers=threads)
@@ -149,7 +140,7 @@ def prepare_splits(data, run_dir: Path, should_stop: Callable[[], bool] = lambda
             prepare(folder, keys[split],
                     lambda s=split: open_hf_split(s, data.path, data.hf_name, data.image_key, data.label_key),
                     split, data.image_key, data.label_key, data.image_size, where, should_stop,
-                    decode_threads(data.decode_threads))
+                    data.decode_threads)
     return keys
 
 

@@ -76,7 +76,7 @@ class DataConfig:
     while decoding (null: keep the sizes, which must all be equal)."""
     decode_threads: int = 0
     """source=hf: threads rank 0 decodes images with when it fills the image cache (0: one per
-    CPU core, at most 8)."""
+    CPU core, at most 8, for images of 32 KiB or more decoded, else 1)."""
     limit: Optional[int] = None
     """Use only the first N training samples (null = all)."""
     eval_limit: Optional[int] = None

@@ -47,12 +47,12 @@ class ImageClassification:
         return self.train.batch(torch.arange(1))[0]
 
     def train_batch(self, indices: torch.Tensor, generator: torch.Generator):
-        x, y = self.train.batch(indices, augment=self.augment, generator=generator)
-        return x.to(self.device, self.dtype), y.to(self.device)
+        x, y = self.train.batch(indices, augment=self.augment, generator=generator, device=self.device)
+        return x.to(self.dtype), y.to(self.device)
 
     def test_batch(self, indices: torch.Tensor):
-        x, y = self.test.batch(indices)
-        return x.to(self.device, self.dtype), y.to(self.device)
+        x, y = self.test.batch(indices, device=self.device)
+        return x.to(self.dtype), y.to(self.device)
 
     def score(self, logits: torch.Tensor, targets: torch.Tensor) -> Scores:
         """Per-sample cross-entropy, true-class probability and correctness."""
