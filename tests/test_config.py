@@ -135,3 +135,7 @@ def test_a_moved_key_still_loads_from_old_config_files_and_overrides(tmp_path, c
     assert load_config(old).data.cache_dir == "/shared/prepared"
     assert load_config(None, ["data.text.cache_dir=/x"]).data.cache_dir == "/x"
     assert "config key 'data.text.cache_dir' is now 'data.cache_dir'" in capsys.readouterr().err
+    old.write_text("output_dir: /runs/a\ndata:\n  text:\n    cache_dir: ${output_dir}/prepared\n")
+    assert load_config(old).data.cache_dir == "/runs/a/prepared"  # interpolations move unresolved
+    old.write_text("data:\n  cache_dir: /new\n  text:\n    cache_dir: /old\n")
+    assert load_config(old).data.cache_dir == "/new" and "'data.text.cache_dir' is ignored" in capsys.readouterr().err

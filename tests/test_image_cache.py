@@ -83,6 +83,13 @@ def test_key_follows_the_files_the_split_and_the_columns(tmp_path):
     (data / "y.images.tmp-host-1-abcd").write_bytes(b"a build in progress")
     assert key == image_cache.cache_key(dataset_source(str(data), None, exclude=[data / "cache"]), "train", "image",
                                         "label")
+    # A cache folder that holds the dataset's folder hides nothing: two datasets there keep two keys.
+    other = save_images(tmp_path / "other", sizes=(("train", 91), ("test", 30)))
+    assert (image_cache.cache_key(dataset_source(str(data), None, exclude=[tmp_path]), "train", "image", "label")
+            != image_cache.cache_key(dataset_source(str(other), None, exclude=[tmp_path]), "train", "image", "label"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetMissingError, match="holds no files"):
+        dataset_source(str(tmp_path / "empty"), None)
     arrow = next(data.rglob("*.arrow"))
     os.utime(arrow, ns=(arrow.stat().st_atime_ns, arrow.stat().st_mtime_ns + 10**9))  # the dataset was rewritten
     assert key != image_cache.cache_key(dataset_source(str(data), None), "train", "image", "label")
@@ -229,3 +236,31 @@ def test_a_disk_without_room_for_the_pixels_is_refused_before_decoding(tmp_path,
     with pytest.raises(DatasetMissingError, match=r"needs about 0.0 GiB, .* free: free space, or set data.cache_dir"):
         build_split(tmp_path / "cache", data, "train")
     assert os.listdir(tmp_path / "cache") == []
+
+
+def test_cmyk_and_palette_images_are_read_in_the_splits_colour_mode(tmp_path):
+    # ImageNet holds a few CMYK JPEGs and palette PNGs among its RGB images.
+    import io
+
+    import datasets
+    import PIL.Image
+
+    def encoded(image, fmt):
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        return {"bytes": buf.getvalue(), "path": None}
+
+    red = PIL.Image.new("RGB", (6, 6), (255, 0, 0))
+    palette = PIL.Image.new("P", (6, 6), 1)
+    palette.putpalette([0, 0, 0, 0, 200, 40] + [0] * 762)
+    items = [encoded(red, "PNG"), encoded(red.convert("CMYK"), "JPEG"), encoded(palette, "PNG"),
+             encoded(PIL.Image.new("LA", (6, 6), (90, 255)), "PNG")]
+    ds = datasets.Dataset.from_dict({"image": items, "label": [0, 1, 2, 3]},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "label": datasets.Value("int64")}))
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
+    images = load_hf_split("train", path=str(tmp_path / "dd")).images
+    assert images.shape == (4, 3, 6, 6)
+    assert images[0, :, 0, 0].tolist() == [255, 0, 0]
+    assert (images[1, :, 0, 0].int() - torch.tensor([255, 0, 0])).abs().max() <= 8  # JPEG is lossy
+    assert images[2, :, 0, 0].tolist() == [0, 200, 40] and images[3, :, 0, 0].tolist() == [90, 90, 90]

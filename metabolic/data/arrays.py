@@ -120,10 +120,16 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator | Non
     flip = torch.rand(n, generator=generator) < 0.5
     out = torch.empty_like(x)
     shift = dy * (2 * pad + 1) + dx
-    for s in shift.unique().tolist():
-        rows = (shift == s).nonzero().squeeze(1).to(x.device)
-        top, left = divmod(s, 2 * pad + 1)
-        out[rows] = padded[rows, :, top:top + h, left:left + w]
-    flipped = flip.nonzero().squeeze(1).to(x.device)
+    order = torch.argsort(shift)  # samples grouped by shift; one index upload to x's device
+    counts = torch.bincount(shift, minlength=(2 * pad + 1) ** 2).tolist()
+    groups = torch.cat([order, flip.nonzero().squeeze(1)]).to(x.device)
+    start = 0
+    for s, count in enumerate(counts):
+        if count:
+            rows = groups[start:start + count]
+            top, left = divmod(s, 2 * pad + 1)
+            out[rows] = padded[rows, :, top:top + h, left:left + w]
+            start += count
+    flipped = groups[n:]
     out[flipped] = out[flipped].flip(-1)
     return out

@@ -69,7 +69,10 @@ def dataset_source(path: Optional[str], hub_name: Optional[str], exclude: Iterab
     if not (path and Path(path).exists()):
         return {"hf_name": hub_name}
     root = Path(path)
-    skip = [Path(e).resolve() for e in exclude]
+    inside = root.resolve()
+    # Only folders inside the dataset's: one that holds the dataset (a cache_dir above data.path)
+    # would hide every file and give every dataset there the same key.
+    skip = [e for e in (Path(e).resolve() for e in exclude) if e != inside and e.is_relative_to(inside)]
     files = []
     for f in sorted(root.rglob("*")) if root.is_dir() else [root]:
         try:
@@ -79,6 +82,8 @@ def dataset_source(path: Optional[str], hub_name: Optional[str], exclude: Iterab
         except OSError:  # gone since the listing (another run's temporary file)
             continue
         files.append([f.relative_to(root).as_posix() if root.is_dir() else f.name, st.st_size, st.st_mtime_ns])
+    if not files:
+        raise DatasetMissingError(f"data.path '{path}' holds no files")
     return {"files": files}
 
 
@@ -195,7 +200,9 @@ def _acquire(lock: Path, should_stop: Callable[[], bool], doing: str) -> Optiona
             os.close(fd)
             if err.errno in NO_LOCKS:
                 log(f"no file locks on the file system of {lock} ({err.strerror}); {doing} without taking turns")
-                lock.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    if lock.stat().st_size == 0:  # ours, never held (a holder writes its name into it)
+                        lock.unlink()
                 return None
             if err.errno not in (errno.EAGAIN, errno.EACCES):  # not "someone holds it"
                 raise

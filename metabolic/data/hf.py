@@ -5,6 +5,7 @@ Hub loading is real code for users with a network; tests use local files only.
 
 from __future__ import annotations
 
+import io
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -112,7 +113,14 @@ def decoded_chunks(ds, split: str, image_key: str = "image", label_key: str = "l
     `size`, every image is resized (shorter side to `size`, antialiased) and centre-cropped to
     size x size in the colour mode of the split's first image (grayscale or RGB); without, every
     image must have the first one's shape: a batch is one tensor."""
-    ds, rows = ds.select_columns([image_key, label_key]).with_format("numpy"), rows or CHUNK_ROWS
+    import datasets
+
+    rows = rows or CHUNK_ROWS
+    ds = ds.select_columns([image_key, label_key])
+    if isinstance(ds.features[image_key], datasets.Image):  # decoded here, one image at a time
+        ds = ds.cast_column(image_key, datasets.Image(decode=False)).with_format(None)
+    else:  # arrays of pixels
+        ds = ds.with_format("numpy")
     if len(ds) == 0:
         return
     first = min(rows, FIRST_ROWS)
@@ -133,7 +141,7 @@ def decoded_chunks(ds, split: str, image_key: str = "image", label_key: str = "l
         try:
             for start in starts:
                 pending.append(pool.submit(piece, start))
-                if len(pending) >= 2 * workers:  # a bounded read-ahead: memory stays a few pieces
+                if len(pending) > workers:  # a bounded read-ahead: memory holds about 2 x workers pieces
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
@@ -147,10 +155,9 @@ def _decode(ds, split: str, start: int, rows: int, image_key: str, label_key: st
     """Rows [start, start + rows) as (images [n, C, H, W], labels, the images' shape before stacking,
     grayscale or not); `shape` and `gray` come from the first piece."""
     part = ds[start:start + rows]
-    arrays = [np.asarray(im, dtype=np.uint8) for im in part[image_key]]
-    gray = _is_gray(arrays[0]) if gray is None else gray
-    if size is not None:
-        arrays = [_square(a, size, gray) for a in arrays]
+    items = part[image_key]
+    gray = _first_is_gray(items[0]) if gray is None else gray
+    arrays = [_pixels(item, size, gray) for item in items]
     shapes = sorted({a.shape for a in arrays} | ({shape} if shape else set()))
     if len(shapes) > 1:
         raise ConfigError(f"config key 'data.image_key': the {split} split's images differ in shape "
@@ -170,23 +177,46 @@ def cores(most: int) -> int:
     return max(1, min(most, n))
 
 
-def _is_gray(array: np.ndarray) -> bool:
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+"""Pillow modes read as one channel; every other mode (RGB, RGBA, CMYK, P, YCbCr, ...) as RGB."""
+
+
+def _open(item: dict):
+    import PIL.Image
+
+    return PIL.Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
+
+
+def _first_is_gray(item) -> bool:
+    if isinstance(item, dict):  # an encoded image: its header says
+        return _open(item).mode in GRAY_MODES
+    array = np.asarray(item)
     return array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 1)
 
 
-def _square(array: np.ndarray, size: int, gray: bool) -> np.ndarray:
-    """`array` (H, W[, C]) resized so its shorter side is `size`, centre-cropped to size x size, as
-    grayscale (H, W) or RGB (H, W, 3)."""
+def _pixels(item, size: Optional[int], gray: bool) -> np.ndarray:
+    """One image as uint8 (H, W) or (H, W, C): an encoded image (datasets' Image feature) is
+    decoded and converted to the split's colour mode (grayscale or RGB, so CMYK and palette
+    images read right); with `size`, resized so its shorter side is `size` (antialiased) and
+    centre-cropped to size x size, right after decoding (one full-size image in memory)."""
     import PIL.Image
 
-    image = PIL.Image.fromarray(array[..., 0] if _is_gray(array) and array.ndim == 3 else array)
-    image = image.convert("L" if gray else "RGB")
-    w, h = image.size
-    scale = size / min(w, h)
-    if (w, h) != (size, size):
-        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), PIL.Image.BILINEAR)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+    if isinstance(item, dict):
+        image = _open(item).convert("L" if gray else "RGB")
+    else:  # pixels already: (H, W), (H, W, 1), RGB or RGBA (alpha is dropped when stacking)
+        array = np.asarray(item, dtype=np.uint8)
+        if size is None:
+            return array
+        image = PIL.Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
+        image = image.convert("L" if gray else "RGB")
+    if size is not None:
+        w, h = image.size
+        scale = size / min(w, h)
+        if (w, h) != (size, size):
+            image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), PIL.Image.BILINEAR)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8)
 
 
 def load_hf_split(split: str, path: Optional[str] = None, hub_name: Optional[str] = None,

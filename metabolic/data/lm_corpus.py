@@ -56,7 +56,8 @@ def prepare(cfg: ExperimentConfig, run_dir: Path, should_stop: Callable[[], bool
     d, tx = cfg.data, cfg.data.text
     folder, config_key = token_folder(cfg, run_dir)
     with folder_ready(folder, config_key, shared=bool(d.cache_dir)):  # now, not after training a tokenizer
-        source = dict(corpus_source(tx.corpus, d.path, d.hf_name, tx.text_key), streaming=tx.streaming)
+        source = dict(corpus_source(tx.corpus, d.path, d.hf_name, tx.text_key, exclude=(folder, run_dir)),
+                      streaming=tx.streaming)
         if tx.tokenizer == "bpe":
             texts = (lambda: documents(cfg)) if not tx.streaming else (lambda: _head(documents(cfg), BPE_STREAM_CHARS))
             shared = None  # a trained BPE is kept per corpus and size in a cache_dir

@@ -96,7 +96,7 @@ def _hf_documents(path: Optional[str], hf_name: Optional[str], text_key: str, st
 
 
 def corpus_source(corpus: str, path: Optional[str] = None, hf_name: Optional[str] = None,
-                  text_key: str = "text") -> dict:
+                  text_key: str = "text", exclude: Iterable[Path] = ()) -> dict:
     """What decides a corpus's documents, for the token cache's key: its local files with their
     size and modification time, or the hub name (a changed hub dataset is not noticed)."""
     if corpus == "shakespeare":
@@ -106,7 +106,7 @@ def corpus_source(corpus: str, path: Optional[str] = None, hf_name: Optional[str
             raise DatasetMissingError("config key 'data.path': corpus=files needs a file, folder or glob")
         files = text_files(path)
     elif corpus == "hf":
-        return {"corpus": corpus, "text_key": text_key, **dataset_source(path, hf_name)}
+        return {"corpus": corpus, "text_key": text_key, **dataset_source(path, hf_name, exclude)}
     else:
         raise ConfigError(f"config key 'data.text.corpus': unknown corpus {corpus!r}")
     return {"corpus": corpus, "text_key": text_key if corpus == "hf" else None, "files": file_stats(files)}

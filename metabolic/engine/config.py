@@ -382,16 +382,29 @@ MOVED_KEYS = {"data.text.cache_dir": "data.cache_dir"}
 
 
 def _moved_in_file(file_cfg: DictConfig, path: Path) -> DictConfig:
+    """`file_cfg` with each moved key under its new name (unresolved: interpolations keep working)."""
+    raw = OmegaConf.to_container(file_cfg, resolve=False)
     for old, new in MOVED_KEYS.items():
-        parent, _, leaf = old.rpartition(".")
-        node = OmegaConf.select(file_cfg, parent)
-        if isinstance(node, DictConfig) and leaf in node:
-            value = node.pop(leaf)
-            if value is not None:
-                print(f"[metabolic] {path}: config key '{old}' is now '{new}'", file=sys.stderr)
-                if OmegaConf.select(file_cfg, new) is None:
-                    OmegaConf.update(file_cfg, new, value, force_add=True)
-    return file_cfg
+        *parents, leaf = old.split(".")
+        node = raw
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        if value is None:  # what every run's config.yaml held: nothing to move
+            continue
+        *new_parents, new_leaf = new.split(".")
+        target = raw
+        for p in new_parents:
+            target = target.setdefault(p, {})
+        if target.get(new_leaf) is None:
+            target[new_leaf] = value
+            print(f"[metabolic] {path}: config key '{old}' is now '{new}'", file=sys.stderr)
+        else:
+            print(f"[metabolic] {path}: config key '{old}' is now '{new}', which the file also sets; "
+                  f"'{old}' is ignored", file=sys.stderr)
+    return OmegaConf.create(raw)
 
 
 def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> ExperimentConfig:
