@@ -26,22 +26,13 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from timing import median_s  # benchmarks/timing.py
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def median_s(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def save_dataset(idx_folder: str, samples: int, side: int, out: Path) -> None:
