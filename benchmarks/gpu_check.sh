@@ -69,7 +69,7 @@ fi
 if want tests; then
 echo "== pytest -m gpu" | tee -a "$OUT/summary.txt"
 timeout 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_backends.py \
-    tests/test_kernels_reference.py tests/test_masked_optimizer.py 2>&1 | tee "$OUT/pytest_gpu.txt" \
+    tests/test_kernels_reference.py tests/test_masked_optimizer.py tests/test_data.py 2>&1 | tee "$OUT/pytest_gpu.txt" \
     || status=1
 tail -3 "$OUT/pytest_gpu.txt" >> "$OUT/summary.txt"
 # The trainer on CUDA: NVML joules (and energy.joules=false), and a resume that restores the CUDA

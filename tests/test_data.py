@@ -201,3 +201,16 @@ def test_crop_flip_equals_a_per_sample_reference():
     for pad in (0, 1, 2, 4):
         got = random_crop_flip(x, pad, torch.Generator().manual_seed(pad))
         assert torch.equal(got, reference(x, pad, torch.Generator().manual_seed(pad)))
+
+
+@pytest.mark.gpu
+def test_image_batches_on_cuda_equal_the_cpu_ones():
+    # Only uint8 pixels travel; crop, flip and normalisation run on the device from the CPU generator.
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8)
+    arrays = ImageArrays(images, torch.arange(40), num_classes=40, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+    idx = torch.randperm(40)[:24]
+    for augment in (False, True):
+        x_cpu, y_cpu = arrays.batch(idx, augment, torch.Generator().manual_seed(1))
+        x_gpu, y_gpu = arrays.batch(idx, augment, torch.Generator().manual_seed(1), device=torch.device("cuda"))
+        assert x_gpu.device.type == "cuda" and torch.equal(y_gpu, y_cpu)
+        torch.testing.assert_close(x_gpu.cpu(), x_cpu, rtol=1e-6, atol=1e-6)
