@@ -25,6 +25,7 @@ from metabolic.engine.config import ConfigError, load_config
     ("data.screen=true", "data.screen"),  # the default policy (full) has no per-sample rule
     ("data.score_table=owner", "data.score_table"),
     ("train.collective_timeout_s=0", "train.collective_timeout_s"),
+    ("data.decode_threads=-1", "data.decode_threads"),
     ("train.eval_batch_size=-4", "train.eval_batch_size"),
     ("model.heads=3", "model.heads"),  # the default model has no heads, but vit does: see below
 ])
