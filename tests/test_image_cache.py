@@ -264,3 +264,27 @@ def test_cmyk_and_palette_images_are_read_in_the_splits_colour_mode(tmp_path):
     assert images[0, :, 0, 0].tolist() == [255, 0, 0]
     assert (images[1, :, 0, 0].int() - torch.tensor([255, 0, 0])).abs().max() <= 8  # JPEG is lossy
     assert images[2, :, 0, 0].tolist() == [0, 200, 40] and images[3, :, 0, 0].tolist() == [90, 90, 90]
+
+
+def test_a_cache_dir_that_cannot_be_written_names_its_key(tmp_path, monkeypatch):
+    # Root may write anywhere here, so the refusal of a read-only mount is simulated at open().
+    import errno
+
+    data = save_images(tmp_path / "dd")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    real_open = os.open
+
+    def read_only(path, *args, **kw):
+        if str(path).startswith(str(cache)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(file_cache.os, "open", read_only)
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(path=str(data), hf_name=None, image_key="image", label_key="label", image_size=None,
+                          decode_threads=1, cache_dir=str(cache))
+    with pytest.raises(ValueError, match=f"config key 'data.cache_dir': cannot write in '{cache}'.*Read-only"):
+        image_cache.prepare_splits(cfg, tmp_path / "run")
+    assert os.listdir(cache) == [] and not (tmp_path / "run").exists()

@@ -97,16 +97,25 @@ def folder_of(cache_dir: Optional[str], run_dir: Path, default: str) -> tuple[Pa
 
 @contextlib.contextmanager
 def folder_ready(folder: Path, config_key: str, shared: bool) -> Iterator[Path]:
-    """Create `folder` (a ConfigError naming `config_key` when it cannot be); folders created here
-    that are still empty at the end are removed again, unless `shared` (other runs may be filling
-    a shared folder at the same time)."""
+    """Create `folder` (a ConfigError naming `config_key` when it cannot be, or when the block cannot
+    write in it: no permission, a read-only or full disk, a quota); folders created here that are
+    still empty at the end are removed again, unless `shared` (other runs may be filling a shared
+    folder at the same time)."""
     made = [] if shared else [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"config key '{config_key}': cannot create '{folder}' ({err})") from err
-        yield folder
+        try:
+            yield folder
+        except OSError as err:
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT)  # from a write: no file name
+            denied = err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and err.filename is not None \
+                and Path(err.filename).resolve().is_relative_to(folder.resolve())
+            if not (full or denied):
+                raise
+            raise ConfigError(f"config key '{config_key}': cannot write in '{folder}' ({err})") from err
     finally:
         for p in made:  # deepest first; only empty folders go
             with contextlib.suppress(OSError):
