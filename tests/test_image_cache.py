@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -107,34 +108,51 @@ def test_images_of_another_size_are_refused_and_nothing_is_kept(tmp_path, monkey
     assert os.listdir(tmp_path / "cache") == []
 
 
-def test_a_stop_while_decoding_keeps_nothing_and_a_damaged_file_is_refused(tmp_path, monkeypatch):
+def test_a_stopped_decode_is_taken_up_where_it_stopped_and_a_damaged_file_is_refused(tmp_path, monkeypatch):
     import threading
 
     import metabolic.data.hf as hf
 
     monkeypatch.setattr(hf, "CHUNK_ROWS", 8)
     data = save_images(tmp_path / "dd")
+    whole = tmp_path / "whole"
+    key, expected = build_split(whole, data, "train")  # uninterrupted, for comparison
     folder = tmp_path / "cache"
-    key = image_cache.cache_key(dataset_source(str(data), None), "train", "image", "label")
-    opened = []
+    opened, looks = [], []
 
     def dataset():
         opened.append(1)
         return open_hf_split("train", str(data))
 
-    looks = []
+    def stop_at(piece: int):
+        def should_stop() -> bool:  # pieces before it are written; threads are decoding the next ones
+            looks.append(1)
+            return len(looks) == piece
+        return should_stop
 
-    def stop_at_the_fourth_piece() -> bool:  # three pieces written, more being decoded by the threads
-        looks.append(1)
-        return len(looks) == 4
-
-    with pytest.raises(file_cache.Interrupted, match="stopped while decoding the train split"):
-        image_cache.prepare(folder, key, dataset, "train", should_stop=stop_at_the_fourth_piece, threads=2)
-    assert os.listdir(folder) == [] and opened == [1]  # neither partial files nor the lock
+    with pytest.raises(file_cache.Interrupted, match="the 24 images decoded so far are kept"):
+        image_cache.prepare(folder, key, dataset, "train", should_stop=stop_at(4), threads=2)
     assert not [t for t in threading.enumerate() if t.name.startswith("decode")]  # the threads are gone
+    assert sorted(os.listdir(folder)) == sorted(p.name for p in image_cache.part_paths(folder, key))  # no lock
+    looks.clear()
+    with pytest.raises(file_cache.Interrupted, match="the 40 images decoded so far are kept"):
+        image_cache.prepare(folder, key, dataset, "train", should_stop=stop_at(3), threads=1)
     image_cache.prepare(folder, key, dataset, "train")
+    assert sorted(os.listdir(folder)) == sorted(f"{key}.{ext}" for ext in ("images", "labels", "json"))
+    for ext in ("images", "labels"):
+        assert (folder / f"{key}.{ext}").read_bytes() == (whole / f"{key}.{ext}").read_bytes()
+    record = json.loads((folder / f"{key}.json").read_text())
+    assert (record["mean"], record["std"], record["num_samples"]) == (list(expected["mean"]), list(expected["std"]), 90)
     image_cache.prepare(folder, key, dataset, "train")  # finished: the dataset is not even opened
-    assert opened == [1, 1] and image_cache.is_built(folder, key)
+    assert opened == [1, 1, 1]
+    # A decode killed without its progress record leaves files nobody vouches for: they are dropped.
+    folder2 = tmp_path / "killed"
+    folder2.mkdir()
+    for p in image_cache.part_paths(folder2, key)[:2]:
+        p.write_bytes(b"half an image")
+    image_cache.prepare(folder2, key, dataset, "train")
+    assert (folder2 / f"{key}.images").read_bytes() == (whole / f"{key}.images").read_bytes()
+    assert not any(p.exists() for p in image_cache.part_paths(folder2, key))
     path = folder / f"{key}.images"
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 1)

@@ -86,6 +86,20 @@ class PixelStats:
             self.squares += x.square_().sum(dim=(0, 2, 3))
         self.pixels += images.numel() // c
 
+    def state(self) -> dict:
+        """The sums so far, JSON-able (floats round-trip exactly), for a count that goes on later."""
+        return {"total": None if self.total is None else self.total.tolist(),
+                "squares": None if self.squares is None else self.squares.tolist(), "pixels": self.pixels}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PixelStats":
+        stats = cls()
+        if state["total"] is not None:
+            stats.total = torch.tensor(state["total"], dtype=torch.float64)
+            stats.squares = torch.tensor(state["squares"], dtype=torch.float64)
+        stats.pixels = int(state["pixels"])
+        return stats
+
     def result(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std) per channel, rounded to 4 places, the precision normalisation constants are
         quoted in (Fashion-MNIST's train split gives its usual 0.2860 / 0.3530); a constant channel

@@ -158,11 +158,12 @@ def lock_path(folder: Path, key: str) -> Path:
     return folder / f"{key}.lock"
 
 
-def prepare(folder: Path, key: str, is_built: Callable[[], bool], build: Callable[[], object],
+def prepare(folder: Path, key: str, is_built: Callable[[], bool], build: Callable[[bool], object],
             should_stop: Callable[[], bool], doing: str) -> None:
-    """Make sure the finished files of `key` are in `folder`: `build()` them while holding the
-    folder's lock for `key`, or wait while another process holds it. `doing` says what a build
-    does, for the messages ("tokenizing the corpus at ...")."""
+    """Make sure the finished files of `key` are in `folder`: `build(held)` them while holding the
+    folder's lock for `key` (held: False on a file system without locks, where the build must not
+    use fixed names for unfinished files), or wait while another process holds it. `doing` says
+    what a build does, for the messages ("tokenizing the corpus at ...")."""
     folder.mkdir(parents=True, exist_ok=True)
     if is_built():
         return
@@ -175,7 +176,7 @@ def prepare(folder: Path, key: str, is_built: Callable[[], bool], build: Callabl
                     with contextlib.suppress(OSError):
                         log(f"left in place: {old} ({old.stat().st_size:,} bytes), a build by another machine or a "
                             "live process; delete it once no run uses this folder")
-            build()
+            build(held)
 
 
 @contextlib.contextmanager

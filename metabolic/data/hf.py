@@ -10,7 +10,7 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -101,13 +101,26 @@ def num_classes(ds, label_key: str, labels_max: int) -> int:
     return int(declared or labels_max + 1)
 
 
+class Piece(NamedTuple):
+    """Consecutive decoded samples of a split."""
+
+    images: np.ndarray
+    """uint8 [n, C, H, W]."""
+    labels: np.ndarray
+    """int64 [n]."""
+    layout: tuple
+    """(shape of each image as decoded, before stacking; grayscale or not): what every later image
+    must match, and what a resumed decode takes up (`decoded_chunks(start=..., layout=...)`)."""
+
+
 def decoded_chunks(ds, split: str, image_key: str = "image", label_key: str = "label",
-                   rows: Optional[int] = None, size: Optional[int] = None,
-                   workers: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The split's images as uint8 [n, C, H, W] and labels as int64 [n], at most `rows` samples (and
-    about CHUNK_BYTES) at a time, in order, decoded by `workers` threads (Pillow decodes and
-    resizes without the GIL; 0: one per core, at most MAX_THREADS, for images of at least
-    THREADS_FROM_BYTES, else 1: smaller ones cost more Python, which holds the GIL, than decoding).
+                   rows: Optional[int] = None, size: Optional[int] = None, workers: int = 1,
+                   start: int = 0, layout: Optional[tuple] = None) -> Iterator[Piece]:
+    """The split's samples from row `start` on, at most `rows` (and about CHUNK_BYTES) at a time,
+    in order, decoded by `workers` threads (Pillow decodes and resizes without the GIL; 0: one per
+    core, at most MAX_THREADS, for images of at least THREADS_FROM_BYTES, else 1: smaller ones
+    cost more Python, which holds the GIL, than decoding). `layout`: the first piece's, when
+    going on from `start` > 0.
 
     Grayscale images get one channel; RGBA loses its alpha channel (it carries no class). With
     `size`, every image is resized (shorter side to `size`, antialiased) and centre-cropped to
@@ -121,26 +134,28 @@ def decoded_chunks(ds, split: str, image_key: str = "image", label_key: str = "l
         ds = ds.cast_column(image_key, datasets.Image(decode=False)).with_format(None)
     else:  # arrays of pixels
         ds = ds.with_format("numpy")
-    if len(ds) == 0:
+    if start >= len(ds):
         return
-    first = min(rows, FIRST_ROWS)
-    images, labels, shape, gray = _decode(ds, split, 0, first, image_key, label_key, size)
-    yield images, labels
-    rows = max(1, min(rows, CHUNK_BYTES // max(images[0].nbytes, 1)))  # pieces of at most ~64 MiB
-    workers = workers or (cores(MAX_THREADS) if images[0].nbytes >= THREADS_FROM_BYTES else 1)
+    if layout is None:  # the first piece is small: it tells the size of the rest
+        first = _decode(ds, split, start, min(rows, FIRST_ROWS), image_key, label_key, size)
+        yield first
+        start, layout = start + len(first.labels), first.layout
+    per_image = int(np.prod(layout[0])) if size is None else size * size * (1 if layout[1] else 3)
+    rows = max(1, min(rows, CHUNK_BYTES // max(per_image, 1)))  # pieces of at most ~64 MiB
+    workers = workers or (cores(MAX_THREADS) if per_image >= THREADS_FROM_BYTES else 1)
 
-    def piece(start: int) -> tuple[np.ndarray, np.ndarray]:
-        return _decode(ds, split, start, rows, image_key, label_key, size, shape, gray)[:2]
+    def piece(at: int) -> Piece:
+        return _decode(ds, split, at, rows, image_key, label_key, size, layout)
 
-    starts = range(first, len(ds), rows)
+    starts = range(start, len(ds), rows)
     if workers <= 1:
         yield from map(piece, starts)
         return
     pending: deque = deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
         try:
-            for start in starts:
-                pending.append(pool.submit(piece, start))
+            for at in starts:
+                pending.append(pool.submit(piece, at))
                 if len(pending) > workers:  # a bounded read-ahead: memory holds about 2 x workers pieces
                     yield pending.popleft().result()
             while pending:
@@ -151,14 +166,13 @@ def decoded_chunks(ds, split: str, image_key: str = "image", label_key: str = "l
 
 
 def _decode(ds, split: str, start: int, rows: int, image_key: str, label_key: str, size: Optional[int],
-            shape: Optional[tuple] = None, gray: Optional[bool] = None) -> tuple[np.ndarray, np.ndarray, tuple, bool]:
-    """Rows [start, start + rows) as (images [n, C, H, W], labels, the images' shape before stacking,
-    grayscale or not); `shape` and `gray` come from the first piece."""
+            layout: Optional[tuple] = None) -> Piece:
+    """Rows [start, start + rows); `layout` comes from the first piece."""
     part = ds[start:start + rows]
     items = part[image_key]
-    gray = _first_is_gray(items[0]) if gray is None else gray
+    shape, gray = layout or (None, _first_is_gray(items[0]))
     arrays = [_pixels(item, size, gray) for item in items]
-    shapes = sorted({a.shape for a in arrays} | ({shape} if shape else set()))
+    shapes = sorted({a.shape for a in arrays} | ({tuple(shape)} if shape else set()))
     if len(shapes) > 1:
         raise ConfigError(f"config key 'data.image_key': the {split} split's images differ in shape "
                           f"({', '.join(map(str, shapes[:3]))}{', ...' if len(shapes) > 3 else ''}); "
@@ -168,7 +182,7 @@ def _decode(ds, split: str, start: int, rows: int, image_key: str, label_key: st
         images = images[:, None]
     elif images.ndim == 4 and images.shape[-1] in (1, 3, 4):  # channels-last
         images = images[..., :3].transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(images), np.ascontiguousarray(part[label_key], dtype=np.int64), shapes[0], gray
+    return Piece(np.ascontiguousarray(images), np.ascontiguousarray(part[label_key], dtype=np.int64), (shapes[0], gray))
 
 
 def cores(most: int) -> int:
@@ -225,7 +239,7 @@ def load_hf_split(split: str, path: Optional[str] = None, hub_name: Optional[str
     instead, see image_cache.py); `size` as in decoded_chunks."""
     ds = open_hf_split(split, path, hub_name, image_key, label_key)
     chunks = list(decoded_chunks(ds, split, image_key, label_key, size=size))
-    images = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros((0, 1, 1, 1), np.uint8)
-    labels = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, np.int64)
+    images = np.concatenate([c.images for c in chunks]) if chunks else np.zeros((0, 1, 1, 1), np.uint8)
+    labels = np.concatenate([c.labels for c in chunks]) if chunks else np.zeros(0, np.int64)
     classes = num_classes(ds, label_key, int(labels.max()) if len(labels) else -1)
     return ImageArrays(torch.from_numpy(images), torch.from_numpy(labels), num_classes=classes)

@@ -28,7 +28,7 @@ import torch
 
 from metabolic.data import file_cache
 from metabolic.data.arrays import ImageArrays, PixelStats
-from metabolic.data.file_cache import Progress, digest, log, write_record, writing
+from metabolic.data.file_cache import Progress, digest, log, write_record
 from metabolic.data.hf import decoded_chunks, num_classes, open_hf_split
 from metabolic.data.idx import DatasetMissingError
 
@@ -56,54 +56,104 @@ def prepare(folder: Path, key: str, dataset: Callable[[], object], split: str, i
             label_key: str = "label", size: Optional[int] = None, describe: str = "the dataset",
             should_stop: Callable[[], bool] = lambda: False, threads: int = 0) -> None:
     """Make sure split `split` of `dataset()` (a datasets.Dataset, opened only when it must be
-    decoded) is decoded into `folder` under `key`, taking turns with other processes."""
+    decoded) is decoded into `folder` under `key`, taking turns with other processes; the holder
+    of the folder's lock keeps a stopped decode's progress and goes on from it."""
     file_cache.prepare(folder, key, lambda: is_built(folder, key),
-                       lambda: build(folder, key, dataset(), split, image_key, label_key, size, describe, should_stop,
-                                     threads),
+                       lambda held: build(folder, key, dataset(), split, image_key, label_key, size, describe,
+                                          should_stop, threads, resumable=held),
                        should_stop, f"decoding the {split} split of {describe}")
+
+
+def part_paths(folder: Path, key: str) -> tuple[Path, Path, Path]:
+    """(pixels, labels, progress record) of a decode that was stopped part-way."""
+    return folder / f"{key}.images.part", folder / f"{key}.labels.part", folder / f"{key}.part.json"
 
 
 def build(folder: Path, key: str, ds, split: str, image_key: str = "image", label_key: str = "label",
           size: Optional[int] = None, describe: str = "the dataset",
-          should_stop: Callable[[], bool] = lambda: False, threads: int = 0) -> dict:
+          should_stop: Callable[[], bool] = lambda: False, threads: int = 0, resumable: bool = False) -> dict:
     """Decode split `split` of `ds` (resized to `size`, by `threads` threads, 0: chosen by the
     image size, see hf.decoded_chunks) into the files of `key`; returns its record.
 
     Prints a progress line every file_cache.PROGRESS_EVERY_S seconds; raises file_cache.Interrupted
-    (removing what it wrote) once `should_stop()` is true. A split another builder finished
-    meanwhile is kept, not replaced."""
+    once `should_stop()` is true. `resumable` (only for the holder of the folder's lock): a stop
+    keeps what was decoded, in `part_paths`, and the next build goes on from it; else a stop or
+    a failure removes what was written. A split another builder finished meanwhile is kept."""
     folder.mkdir(parents=True, exist_ok=True)
     images_path, labels_path, record_path = paths(folder, key)
+    parts = part_paths(folder, key)
+    done = _resumed(*parts, len(ds)) if resumable else None
+    tmp_images, tmp_labels = parts[:2] if resumable else (file_cache.tmp_name(images_path),
+                                                          file_cache.tmp_name(labels_path))
+    n, top = (done["rows"], done["top"]) if done else (0, -1)
     log(f"decoding the {split} split of {describe} ({len(ds):,} images) into {images_path} "
-        "(once; later runs and ranks memory-map it)")
-    progress, stats = Progress(), PixelStats()
-    n, shape, top = 0, None, -1
-    pieces = decoded_chunks(ds, split, image_key, label_key, size=size, workers=threads)
-    with writing(images_path) as tmp_images, writing(labels_path) as tmp_labels, \
-            open(tmp_images, "wb") as fi, open(tmp_labels, "wb") as fl, contextlib.closing(pieces):
-        for images, labels in pieces:
-            if n == 0:
-                _check_space(folder, len(ds) * images[0].nbytes, f"the {split} split of {describe}")
-            if should_stop():
-                raise file_cache.Interrupted(f"stopped while decoding the {split} split of {describe}; "
-                                             "nothing was kept")
-            fi.write(memoryview(images).cast("B"))  # no bytes copy of the piece
-            fl.write(memoryview(labels).cast("B"))
-            shape, n = images.shape[1:], n + images.shape[0]
-            top = max(top, int(labels.max()))
-            if split == "train":
-                stats.add(torch.from_numpy(images))
-            if progress.due():
-                log(f"decoding the {split} split of {describe}: {n:,} of {len(ds):,} images "
-                    f"({n / max(progress.seconds, 1e-9):,.0f} images/s)")
+        + (f"from image {n:,}, where a stopped decode left off" if done else
+           "(once; later runs and ranks memory-map it)"))
+    progress, stats = Progress(), PixelStats.from_state(done["stats"]) if done else PixelStats()
+    layout = tuple(done["layout"]) if done else None
+    sample_shape = tuple(done["sample_shape"]) if done else None
+    pieces = decoded_chunks(ds, split, image_key, label_key, size=size, workers=threads, start=n, layout=layout)
+    kept = False
+    try:
+        with open(tmp_images, "r+b" if done else "wb") as fi, open(tmp_labels, "r+b" if done else "wb") as fl, \
+                contextlib.closing(pieces):
+            for f, width in ((fi, int(np.prod(done["sample_shape"])) if done else 0), (fl, 8)):
+                f.truncate(n * width)  # what the progress record vouches for; a kill may have written more
+                f.seek(n * width)
+            for piece in pieces:
+                if layout is None:
+                    layout = piece.layout
+                    _check_space(folder, len(ds) * piece.images[0].nbytes, f"the {split} split of {describe}")
+                if should_stop():
+                    if resumable and n > 0:
+                        fi.flush(), fl.flush()
+                        write_record(parts[2], {"format": FORMAT, "rows": n, "top": top, "layout": layout,
+                                                "sample_shape": list(sample_shape), "stats": stats.state()})
+                        kept = True
+                    raise file_cache.Interrupted(
+                        f"stopped while decoding the {split} split of {describe}; " +
+                        (f"the {n:,} images decoded so far are kept, the next run goes on from there"
+                         if kept else "nothing was kept"))
+                fi.write(memoryview(piece.images).cast("B"))  # no bytes copy of the piece
+                fl.write(memoryview(piece.labels).cast("B"))
+                sample_shape, n = piece.images.shape[1:], n + len(piece.labels)
+                top = max(top, int(piece.labels.max()))
+                if split == "train":
+                    stats.add(torch.from_numpy(piece.images))
+                if progress.due():
+                    log(f"decoding the {split} split of {describe}: {n:,} of {len(ds):,} images "
+                        f"({n / max(progress.seconds, 1e-9):,.0f} images/s)")
+        file_cache.publish(tmp_labels, labels_path)
+        file_cache.publish(tmp_images, images_path)
+    finally:
+        if not kept:
+            for p in (tmp_images, tmp_labels, parts[2]):
+                p.unlink(missing_ok=True)
     mean, std = stats.result() if split == "train" else (None, None)
-    record = {"format": FORMAT, "num_samples": n, "sample_shape": list(shape or (1, 1, 1)),
+    record = {"format": FORMAT, "num_samples": n, "sample_shape": list(sample_shape or (1, 1, 1)),
               "num_classes": num_classes(ds, label_key, top), "mean": mean, "std": std,
               "source": describe, "split": split, "image_size": size, "seconds": round(progress.seconds, 3)}
     write_record(record_path, record)
     log(f"decoded the {split} split of {describe}: {n:,} images {tuple(record['sample_shape'])} "
         f"in {record['seconds']:.1f} s")
     return record
+
+
+def _resumed(images: Path, labels: Path, progress: Path, total: int) -> Optional[dict]:
+    """What a stopped decode left (its progress record), when its files hold at least that much;
+    else None, and any partial files are removed (a decode killed without a record)."""
+    try:
+        done = json.loads(progress.read_text())
+        width = int(np.prod(done["sample_shape"]))
+        ok = (done.get("format") == FORMAT and 0 < done["rows"] <= total
+              and images.stat().st_size >= done["rows"] * width and labels.stat().st_size >= done["rows"] * 8)
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if ok:
+        return done
+    for p in (images, labels, progress):
+        p.unlink(missing_ok=True)
+    return None
 
 
 def _check_space(folder: Path, need: int, what: str) -> None:
