@@ -125,17 +125,17 @@ def test_a_stopped_decode_is_taken_up_where_it_stopped_and_a_damaged_file_is_ref
         return open_hf_split("train", str(data))
 
     def stop_at(piece: int):
-        def should_stop() -> bool:  # pieces before it are written; threads are decoding the next ones
+        def should_stop() -> bool:  # looked at after each written piece; threads decode the next ones
             looks.append(1)
             return len(looks) == piece
         return should_stop
 
-    with pytest.raises(file_cache.Interrupted, match="the 24 images decoded so far are kept"):
+    with pytest.raises(file_cache.Interrupted, match="the 32 images decoded so far are kept"):
         image_cache.prepare(folder, key, dataset, "train", should_stop=stop_at(4), threads=2)
     assert not [t for t in threading.enumerate() if t.name.startswith("decode")]  # the threads are gone
     assert sorted(os.listdir(folder)) == sorted(p.name for p in image_cache.part_paths(folder, key))  # no lock
     looks.clear()
-    with pytest.raises(file_cache.Interrupted, match="the 40 images decoded so far are kept"):
+    with pytest.raises(file_cache.Interrupted, match="the 56 images decoded so far are kept"):
         image_cache.prepare(folder, key, dataset, "train", should_stop=stop_at(3), threads=1)
     image_cache.prepare(folder, key, dataset, "train")
     assert sorted(os.listdir(folder)) == sorted(f"{key}.{ext}" for ext in ("images", "labels", "json"))
@@ -306,3 +306,36 @@ def test_a_cache_dir_that_cannot_be_written_names_its_key(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=f"config key 'data.cache_dir': cannot write in '{cache}'.*Read-only"):
         image_cache.prepare_splits(cfg, tmp_path / "run")
     assert os.listdir(cache) == [] and not (tmp_path / "run").exists()
+
+
+def test_a_stop_signal_while_decoding_exits_for_a_resume(tmp_path):
+    # SLURM's preemption notice during a long decode: exit 75, keeping the pieces decoded so far;
+    # the run started again goes on from them and trains.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO, env
+
+    data = save_images(tmp_path / "dd", sizes=(("train", 2000), ("test", 30)), side=96)
+    out = tmp_path / "run"
+    args = hf_args(out, data)
+    proc = subprocess.Popen([sys.executable, "-m", "metabolic", "train", *args], cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "decoding the train split" in line:
+                proc.send_signal(signal.SIGUSR1)
+                time.sleep(0.05)
+                break
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, "".join(seen) + rest
+    assert "stopped while decoding the train split" in rest and "resume=true" in rest
+    again = ok(metabolic("train", *args, "resume=true"))
+    assert "decoded the train split" in again.stderr and summary(out)["step"] == 3
+    assert "decoded so far are kept" in rest and "where a stopped decode left off" in again.stderr

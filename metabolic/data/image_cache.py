@@ -100,20 +100,10 @@ def build(folder: Path, key: str, ds, split: str, image_key: str = "image", labe
             for f, width in ((fi, int(np.prod(done["sample_shape"])) if done else 0), (fl, 8)):
                 f.truncate(n * width)  # what the progress record vouches for; a kill may have written more
                 f.seek(n * width)
-            for piece in pieces:
+            for piece in pieces:  # a stop is looked for after each piece is written: it is kept
                 if layout is None:
                     layout = piece.layout
                     _check_space(folder, len(ds) * piece.images[0].nbytes, f"the {split} split of {describe}")
-                if should_stop():
-                    if resumable and n > 0:
-                        fi.flush(), fl.flush()
-                        write_record(parts[2], {"format": FORMAT, "rows": n, "top": top, "layout": layout,
-                                                "sample_shape": list(sample_shape), "stats": stats.state()})
-                        kept = True
-                    raise file_cache.Interrupted(
-                        f"stopped while decoding the {split} split of {describe}; " +
-                        (f"the {n:,} images decoded so far are kept, the next run goes on from there"
-                         if kept else "nothing was kept"))
                 fi.write(memoryview(piece.images).cast("B"))  # no bytes copy of the piece
                 fl.write(memoryview(piece.labels).cast("B"))
                 sample_shape, n = piece.images.shape[1:], n + len(piece.labels)
@@ -123,6 +113,16 @@ def build(folder: Path, key: str, ds, split: str, image_key: str = "image", labe
                 if progress.due():
                     log(f"decoding the {split} split of {describe}: {n:,} of {len(ds):,} images "
                         f"({n / max(progress.seconds, 1e-9):,.0f} images/s)")
+                if should_stop():
+                    if resumable:
+                        fi.flush(), fl.flush()
+                        write_record(parts[2], {"format": FORMAT, "rows": n, "top": top, "layout": layout,
+                                                "sample_shape": list(sample_shape), "stats": stats.state()})
+                        kept = True
+                    raise file_cache.Interrupted(
+                        f"stopped while decoding the {split} split of {describe}; " +
+                        (f"the {n:,} images decoded so far are kept, the next run goes on from there"
+                         if kept else "nothing was kept"))
         file_cache.publish(tmp_labels, labels_path)
         file_cache.publish(tmp_images, images_path)
     finally:
