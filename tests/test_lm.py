@@ -124,7 +124,8 @@ def test_streamed_corpus_trains_bpe_on_its_head_and_stops_at_the_limit(tmp_path,
 
     seen = []
     real_train_bpe = tokenizer.train_bpe
-    monkeypatch.setattr(tokenizer, "train_bpe", lambda texts, size: seen.append(texts) or real_train_bpe(texts, size))
+    monkeypatch.setattr(tokenizer, "train_bpe",
+                        lambda texts, size: seen.append(list(texts)) or real_train_bpe(seen[-1], size))
     monkeypatch.setattr(lm_corpus, "BPE_STREAM_CHARS", 2000)
     cfg = load_config(LM_CONFIG, lm_args(tmp_path / "run", corpus, "data.text.corpus=hf", "data.text.streaming=true",
                                          "data.text.tokenizer=bpe", "data.text.vocab_size=300", "data.limit=20")[1:])
