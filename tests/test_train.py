@@ -191,9 +191,10 @@ def test_ledger_matches_full_weight_snapshots_under_zero(tmp_path, fmnist):
     results = json.loads((tmp_path / "ledger_zero.json").read_text())
     assert results["0"]["replicated"] is True and results["2"]["replicated"] is False
     # Both sides sum fp32 differences in float32 (cascade / per-chunk partials), in different
-    # orders: they agree to ~1e-7; one weight's missing change would be ~1e-4 of the total.
+    # orders: measured 4e-7 to 1.0e-6 apart; an average weight's change is 1.3e-5 of the total,
+    # and the changed-weight counts must agree exactly.
     for stage, r in results.items():
-        assert r["ledger"] == pytest.approx(r["snapshots"], rel=1e-6), stage
+        assert r["ledger"] == pytest.approx(r["snapshots"], rel=3e-6), stage
         assert r["ledger_changed"] == r["snapshots_changed"], stage
         assert r["ledger_min"] == pytest.approx(r["snapshots_min"], rel=1e-6), stage
         assert r["ledger"] >= r["ledger_min"] > 0
