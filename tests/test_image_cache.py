@@ -137,6 +137,15 @@ def test_a_stopped_decode_is_taken_up_where_it_stopped_and_a_damaged_file_is_ref
     looks.clear()
     with pytest.raises(file_cache.Interrupted, match="the 56 images decoded so far are kept"):
         image_cache.prepare(folder, key, dataset, "train", should_stop=stop_at(3), threads=1)
+    progress = image_cache.part_paths(folder, key)[2]
+    assert json.loads(progress.read_text())["rows"] == 56  # the newest progress replaced the older record
+
+    def second_ctrl_c() -> bool:  # not a stop: a failure in the middle of a resumed decode
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        image_cache.prepare(folder, key, dataset, "train", should_stop=second_ctrl_c)
+    assert json.loads(progress.read_text())["rows"] == 64  # what was written before it is still kept
     image_cache.prepare(folder, key, dataset, "train")
     assert sorted(os.listdir(folder)) == sorted(f"{key}.{ext}" for ext in ("images", "labels", "json"))
     for ext in ("images", "labels"):
@@ -144,7 +153,7 @@ def test_a_stopped_decode_is_taken_up_where_it_stopped_and_a_damaged_file_is_ref
     record = json.loads((folder / f"{key}.json").read_text())
     assert (record["mean"], record["std"], record["num_samples"]) == (list(expected["mean"]), list(expected["std"]), 90)
     image_cache.prepare(folder, key, dataset, "train")  # finished: the dataset is not even opened
-    assert opened == [1, 1, 1]
+    assert opened == [1, 1, 1, 1]
     # A decode killed without its progress record leaves files nobody vouches for: they are dropped.
     folder2 = tmp_path / "killed"
     folder2.mkdir()
@@ -306,6 +315,17 @@ def test_a_cache_dir_that_cannot_be_written_names_its_key(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=f"config key 'data.cache_dir': cannot write in '{cache}'.*Read-only"):
         image_cache.prepare_splits(cfg, tmp_path / "run")
     assert os.listdir(cache) == [] and not (tmp_path / "run").exists()
+    # A cache_dir above data.path: a file of the dataset that cannot be read is not the cache's fault.
+    monkeypatch.setattr(file_cache.os, "open", real_open)
+    import datasets
+
+    def unreadable(*args, **kw):
+        raise PermissionError(errno.EACCES, "Permission denied", str(data / "train" / "data-00000-of-00001.arrow"))
+
+    monkeypatch.setattr(datasets, "load_from_disk", unreadable)
+    above = SimpleNamespace(**{**vars(cfg), "cache_dir": str(tmp_path)})
+    with pytest.raises(PermissionError):
+        image_cache.prepare_splits(above, tmp_path / "run")
 
 
 def test_a_stop_signal_while_decoding_exits_for_a_resume(tmp_path):

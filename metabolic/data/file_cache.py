@@ -43,7 +43,7 @@ VISIBLE_WAIT_S = 90.0
 
 
 class Interrupted(Exception):
-    """A stop signal arrived while the data was being prepared; nothing half-made was kept."""
+    """A stop signal arrived while the data was being prepared (nothing half-made passes for finished)."""
 
 
 def digest(desc: dict) -> str:
@@ -96,9 +96,10 @@ def folder_of(cache_dir: Optional[str], run_dir: Path, default: str) -> tuple[Pa
 
 
 @contextlib.contextmanager
-def folder_ready(folder: Path, config_key: str, shared: bool) -> Iterator[Path]:
-    """Create `folder` (a ConfigError naming `config_key` when it cannot be, or when the block cannot
-    write in it: no permission, a read-only or full disk, a quota); folders created here that are
+def folder_ready(folder: Path, config_key: str, shared: bool, reads_from: Optional[str] = None) -> Iterator[Path]:
+    """Create `folder` (a ConfigError naming `config_key` when it cannot be, or when the block
+    cannot write a file in it: no permission, a read-only or full disk, a quota; files under
+    `reads_from`, the data's own path, are not the folder's fault); folders created here that are
     still empty at the end are removed again, unless `shared` (other runs may be filling a shared
     folder at the same time)."""
     made = [] if shared else [p for p in (folder, *folder.parents) if not p.exists()]
@@ -110,16 +111,23 @@ def folder_ready(folder: Path, config_key: str, shared: bool) -> Iterator[Path]:
         try:
             yield folder
         except OSError as err:
-            full = err.errno in (errno.ENOSPC, errno.EDQUOT)  # from a write: no file name
-            denied = err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and err.filename is not None \
-                and Path(err.filename).resolve().is_relative_to(folder.resolve())
-            if not (full or denied):
+            if not _cannot_write_in(err, folder, reads_from):
                 raise
             raise ConfigError(f"config key '{config_key}': cannot write in '{folder}' ({err})") from err
     finally:
         for p in made:  # deepest first; only empty folders go
             with contextlib.suppress(OSError):
                 p.rmdir()
+
+
+def _cannot_write_in(err: OSError, folder: Path, reads_from: Optional[str]) -> bool:
+    if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        return False
+    if not isinstance(err.filename, (str, os.PathLike)):
+        return False
+    path = Path(err.filename).resolve()
+    own = path.is_relative_to(folder.resolve())
+    return own and not (reads_from and path.is_relative_to(Path(reads_from).resolve()))
 
 
 def wait_visible(is_built: Callable[[], bool], folder: Path, config_key: str, what: str,
@@ -158,12 +166,11 @@ def lock_path(folder: Path, key: str) -> Path:
     return folder / f"{key}.lock"
 
 
-def prepare(folder: Path, key: str, is_built: Callable[[], bool], build: Callable[[bool], object],
+def prepare(folder: Path, key: str, is_built: Callable[[], bool], build: Callable[[], object],
             should_stop: Callable[[], bool], doing: str) -> None:
-    """Make sure the finished files of `key` are in `folder`: `build(held)` them while holding the
-    folder's lock for `key` (held: False on a file system without locks, where the build must not
-    use fixed names for unfinished files), or wait while another process holds it. `doing` says
-    what a build does, for the messages ("tokenizing the corpus at ...")."""
+    """Make sure the finished files of `key` are in `folder`: `build()` them while holding the
+    folder's lock for `key`, or wait while another process holds it. `doing` says what a build
+    does, for the messages ("tokenizing the corpus at ...")."""
     folder.mkdir(parents=True, exist_ok=True)
     if is_built():
         return
@@ -176,7 +183,7 @@ def prepare(folder: Path, key: str, is_built: Callable[[], bool], build: Callabl
                     with contextlib.suppress(OSError):
                         log(f"left in place: {old} ({old.stat().st_size:,} bytes), a build by another machine or a "
                             "live process; delete it once no run uses this folder")
-            build(held)
+            build()
 
 
 @contextlib.contextmanager

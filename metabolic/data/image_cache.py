@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -31,6 +32,7 @@ from metabolic.data.arrays import ImageArrays, PixelStats
 from metabolic.data.file_cache import Progress, digest, log, write_record
 from metabolic.data.hf import decoded_chunks, num_classes, open_hf_split
 from metabolic.data.idx import DatasetMissingError
+from metabolic.engine.config import ConfigError
 
 FORMAT = 1
 """Bump when the file layout changes: the key includes it, so old files are not read."""
@@ -56,35 +58,38 @@ def prepare(folder: Path, key: str, dataset: Callable[[], object], split: str, i
             label_key: str = "label", size: Optional[int] = None, describe: str = "the dataset",
             should_stop: Callable[[], bool] = lambda: False, threads: int = 0) -> None:
     """Make sure split `split` of `dataset()` (a datasets.Dataset, opened only when it must be
-    decoded) is decoded into `folder` under `key`, taking turns with other processes; the holder
-    of the folder's lock keeps a stopped decode's progress and goes on from it."""
+    decoded) is decoded into `folder` under `key`, taking turns with other processes and going
+    on from where a stopped decode left off."""
     file_cache.prepare(folder, key, lambda: is_built(folder, key),
-                       lambda held: build(folder, key, dataset(), split, image_key, label_key, size, describe,
-                                          should_stop, threads, resumable=held),
+                       lambda: build(folder, key, dataset(), split, image_key, label_key, size, describe,
+                                     should_stop, threads),
                        should_stop, f"decoding the {split} split of {describe}")
+    for p in part_paths(folder, key):  # progress of a decode someone else finished first
+        p.unlink(missing_ok=True)
 
 
 def part_paths(folder: Path, key: str) -> tuple[Path, Path, Path]:
-    """(pixels, labels, progress record) of a decode that was stopped part-way."""
+    """(pixels, labels, progress record) a stopped decode left: the first rows of the split's files."""
     return folder / f"{key}.images.part", folder / f"{key}.labels.part", folder / f"{key}.part.json"
 
 
 def build(folder: Path, key: str, ds, split: str, image_key: str = "image", label_key: str = "label",
           size: Optional[int] = None, describe: str = "the dataset",
-          should_stop: Callable[[], bool] = lambda: False, threads: int = 0, resumable: bool = False) -> dict:
+          should_stop: Callable[[], bool] = lambda: False, threads: int = 0) -> dict:
     """Decode split `split` of `ds` (resized to `size`, by `threads` threads, 0: chosen by the
     image size, see hf.decoded_chunks) into the files of `key`; returns its record.
 
     Prints a progress line every file_cache.PROGRESS_EVERY_S seconds; raises file_cache.Interrupted
-    once `should_stop()` is true. `resumable` (only for the holder of the folder's lock): a stop
-    keeps what was decoded, in `part_paths`, and the next build goes on from it; else a stop or
-    a failure removes what was written. A split another builder finished meanwhile is kept."""
+    once `should_stop()` is true after a piece. What was decoded when it stops (or fails) is left
+    in `part_paths`, and the next build takes it over and goes on from it. Decoding is
+    deterministic, so any partial file of a key is a prefix of the finished one; a builder only
+    ever writes under its own temporary names and puts them in place whole. A split another
+    builder finished meanwhile is kept."""
     folder.mkdir(parents=True, exist_ok=True)
     images_path, labels_path, record_path = paths(folder, key)
-    parts = part_paths(folder, key)
-    done = _resumed(*parts, len(ds)) if resumable else None
-    tmp_images, tmp_labels = parts[:2] if resumable else (file_cache.tmp_name(images_path),
-                                                          file_cache.tmp_name(labels_path))
+    tmp_images, tmp_labels = file_cache.tmp_name(images_path), file_cache.tmp_name(labels_path)
+    source = {"rows_total": len(ds), "fingerprint": getattr(ds, "_fingerprint", None)}
+    done = _take_over(folder, key, tmp_images, tmp_labels, source)
     n, top = (done["rows"], done["top"]) if done else (0, -1)
     log(f"decoding the {split} split of {describe} ({len(ds):,} images) into {images_path} "
         + (f"from image {n:,}, where a stopped decode left off" if done else
@@ -92,43 +97,45 @@ def build(folder: Path, key: str, ds, split: str, image_key: str = "image", labe
     progress, stats = Progress(), PixelStats.from_state(done["stats"]) if done else PixelStats()
     layout = tuple(done["layout"]) if done else None
     sample_shape = tuple(done["sample_shape"]) if done else None
+    if done:
+        _check_space(folder, (len(ds) - n) * int(np.prod(sample_shape)), f"the {split} split of {describe}")
     pieces = decoded_chunks(ds, split, image_key, label_key, size=size, workers=threads, start=n, layout=layout)
-    kept = False
+    start = n
     try:
         with open(tmp_images, "r+b" if done else "wb") as fi, open(tmp_labels, "r+b" if done else "wb") as fl, \
                 contextlib.closing(pieces):
-            for f, width in ((fi, int(np.prod(done["sample_shape"])) if done else 0), (fl, 8)):
-                f.truncate(n * width)  # what the progress record vouches for; a kill may have written more
-                f.seek(n * width)
-            for piece in pieces:  # a stop is looked for after each piece is written: it is kept
-                if layout is None:
-                    layout = piece.layout
-                    _check_space(folder, len(ds) * piece.images[0].nbytes, f"the {split} split of {describe}")
-                fi.write(memoryview(piece.images).cast("B"))  # no bytes copy of the piece
-                fl.write(memoryview(piece.labels).cast("B"))
-                sample_shape, n = piece.images.shape[1:], n + len(piece.labels)
-                top = max(top, int(piece.labels.max()))
-                if split == "train":
-                    stats.add(torch.from_numpy(piece.images))
-                if progress.due():
-                    log(f"decoding the {split} split of {describe}: {n:,} of {len(ds):,} images "
-                        f"({n / max(progress.seconds, 1e-9):,.0f} images/s)")
-                if should_stop():
-                    if resumable:
-                        fi.flush(), fl.flush()
-                        write_record(parts[2], {"format": FORMAT, "rows": n, "top": top, "layout": layout,
-                                                "sample_shape": list(sample_shape), "stats": stats.state()})
-                        kept = True
-                    raise file_cache.Interrupted(
-                        f"stopped while decoding the {split} split of {describe}; " +
-                        (f"the {n:,} images decoded so far are kept, the next run goes on from there"
-                         if kept else "nothing was kept"))
+            fi.seek(0, os.SEEK_END), fl.seek(0, os.SEEK_END)
+            try:
+                for piece in pieces:  # a stop is looked for after each written piece: it is kept
+                    if layout is None:
+                        layout = piece.layout
+                        _check_space(folder, len(ds) * piece.images[0].nbytes, f"the {split} split of {describe}")
+                    _write(fi, piece.images, tmp_images)
+                    _write(fl, piece.labels, tmp_labels)
+                    sample_shape, n = piece.images.shape[1:], n + len(piece.labels)
+                    top = max(top, int(piece.labels.max()))
+                    if split == "train":
+                        stats.add(torch.from_numpy(piece.images))
+                    if progress.due():
+                        rate = (n - start) / max(progress.seconds, 1e-9)
+                        log(f"decoding the {split} split of {describe}: {n:,} of {len(ds):,} images ({rate:,.0f}/s)")
+                    if n < len(ds) and should_stop():
+                        raise file_cache.Interrupted(
+                            f"stopped while decoding the {split} split of {describe}; the {n:,} images decoded "
+                            "so far are kept, the next run goes on from there")
+            except BaseException as err:
+                # What is written up to row n is right whatever stopped the decode (a stop, a second
+                # Ctrl-C, a full disk), unless the data cannot be decoded as configured at all.
+                if n > 0 and not isinstance(err, ConfigError):
+                    with contextlib.suppress(Exception):
+                        _leave(folder, key, (fi, fl), (tmp_images, tmp_labels), n, sample_shape,
+                               {**source, "rows": n, "top": top, "layout": layout, "stats": stats.state()})
+                raise
         file_cache.publish(tmp_labels, labels_path)
         file_cache.publish(tmp_images, images_path)
     finally:
-        if not kept:
-            for p in (tmp_images, tmp_labels, parts[2]):
-                p.unlink(missing_ok=True)
+        for p in (tmp_images, tmp_labels):
+            p.unlink(missing_ok=True)
     mean, std = stats.result() if split == "train" else (None, None)
     record = {"format": FORMAT, "num_samples": n, "sample_shape": list(sample_shape or (1, 1, 1)),
               "num_classes": num_classes(ds, label_key, top), "mean": mean, "std": std,
@@ -139,19 +146,60 @@ def build(folder: Path, key: str, ds, split: str, image_key: str = "image", labe
     return record
 
 
-def _resumed(images: Path, labels: Path, progress: Path, total: int) -> Optional[dict]:
-    """What a stopped decode left (its progress record), when its files hold at least that much;
-    else None, and any partial files are removed (a decode killed without a record)."""
+def _write(f, array: np.ndarray, path: Path) -> None:
     try:
-        done = json.loads(progress.read_text())
-        width = int(np.prod(done["sample_shape"]))
-        ok = (done.get("format") == FORMAT and 0 < done["rows"] <= total
-              and images.stat().st_size >= done["rows"] * width and labels.stat().st_size >= done["rows"] * 8)
+        f.write(memoryview(array).cast("B"))  # no bytes copy of the piece
+    except OSError as err:
+        err.filename = err.filename or str(path)  # a full disk names the file it was writing (folder_ready)
+        raise
+
+
+def _leave(folder: Path, key: str, files, tmps, rows: int, sample_shape, progress: dict) -> None:
+    """Put the first `rows` rows of this builder's files under the part names, then their record:
+    a builder that takes them over sees the record only once the files it vouches for are there."""
+    width = int(np.prod(sample_shape))
+    for f, size in zip(files, (rows * width, rows * 8)):
+        f.flush()
+        f.truncate(size)
+        os.fsync(f.fileno())
+    images, labels, record = part_paths(folder, key)
+    os.replace(tmps[0], images)
+    os.replace(tmps[1], labels)
+    tmp = file_cache.tmp_name(record)
+    tmp.write_text(json.dumps({"format": FORMAT, "sample_shape": list(sample_shape), **progress}) + "\n")
+    os.replace(tmp, record)  # the newest progress replaces an older record
+
+
+def _take_over(folder: Path, key: str, tmp_images: Path, tmp_labels: Path, source: dict) -> Optional[dict]:
+    """Claim what a stopped decode left, by renaming its record and files to this builder's own
+    temporary names (only one builder can), truncated to the rows its record vouches for; None
+    when there is nothing (usable) to go on from."""
+    images, labels, record = part_paths(folder, key)
+    mine = file_cache.tmp_name(record)
+    try:
+        os.rename(record, mine)
+    except FileNotFoundError:
+        return None
+    try:
+        done = json.loads(mine.read_text())
+        os.rename(images, tmp_images)
+        os.rename(labels, tmp_labels)
+        rows, width = int(done["rows"]), int(np.prod(done["sample_shape"]))
+        ok = (done["format"] == FORMAT and 0 < rows <= source["rows_total"] and
+              all(done[k] == v for k, v in source.items()) and
+              tmp_images.stat().st_size >= rows * width and tmp_labels.stat().st_size >= rows * 8 and
+              {"top", "layout", "stats"} <= done.keys())
+        if ok:
+            PixelStats.from_state(done["stats"])  # a record that cannot be read back is not used
+            os.truncate(tmp_images, rows * width)
+            os.truncate(tmp_labels, rows * 8)
     except (OSError, ValueError, KeyError, TypeError):
         ok = False
+    finally:
+        mine.unlink(missing_ok=True)
     if ok:
         return done
-    for p in (images, labels, progress):
+    for p in (tmp_images, tmp_labels):
         p.unlink(missing_ok=True)
     return None
 
@@ -184,7 +232,7 @@ def prepare_splits(data, run_dir: Path, should_stop: Callable[[], bool] = lambda
     source = file_cache.dataset_source(data.path, data.hf_name, exclude=(folder, run_dir))
     where = f"'{data.path}'" if data.path and Path(data.path).exists() else f"'{data.hf_name or data.path}'"
     keys = {}
-    with file_cache.folder_ready(folder, config_key, shared=bool(data.cache_dir)):
+    with file_cache.folder_ready(folder, config_key, shared=bool(data.cache_dir), reads_from=data.path):
         for split in ("train", "test"):
             keys[split] = cache_key(source, split, data.image_key, data.label_key, data.image_size)
             prepare(folder, keys[split],

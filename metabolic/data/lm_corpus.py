@@ -55,7 +55,7 @@ def prepare(cfg: ExperimentConfig, run_dir: Path, should_stop: Callable[[], bool
     shared cache_dir, which other runs may be creating at the same time)."""
     d, tx = cfg.data, cfg.data.text
     folder, config_key = token_folder(cfg, run_dir)
-    with folder_ready(folder, config_key, shared=bool(d.cache_dir)):  # now, not after training a tokenizer
+    with folder_ready(folder, config_key, shared=bool(d.cache_dir), reads_from=d.path):  # now, not after training a tokenizer
         source = dict(corpus_source(tx.corpus, d.path, d.hf_name, tx.text_key, exclude=(folder, run_dir)),
                       streaming=tx.streaming)
         if tx.tokenizer == "bpe":

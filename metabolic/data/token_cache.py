@@ -78,7 +78,7 @@ def prepare(folder: Path, key: str, documents: Callable[[], Iterable[str]], toke
     """Make sure the finished token file for `key` is in `folder`: build it while holding the
     folder's lock for `key`, or wait while another process holds it."""
     file_cache.prepare(folder, key, lambda: is_built(folder, key),
-                       lambda held: build(folder, key, documents(), tokenizer, max_tokens, describe, should_stop),
+                       lambda: build(folder, key, documents(), tokenizer, max_tokens, describe, should_stop),
                        should_stop, f"tokenizing {describe}")
 
 
