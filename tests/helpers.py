@@ -74,6 +74,27 @@ def stop_at_step(args: list[str], out: Path, step: int, timeout: float = 200, si
     assert proc.returncode == 75, proc.stderr.read()[-3000:]
 
 
+def stop_when_logged(args: list[str], marker: str, signals: tuple[int, ...] = (signal.SIGUSR1,),
+                     timeout: float = 120) -> tuple[int, str]:
+    """Run `metabolic train *args`, send `signals` (50 ms apart) once a line of its stderr holds
+    `marker` (data preparation, before any checkpoint); (exit code, all of its stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "metabolic", "train", *args], cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if marker in line:
+                for sig in signals:
+                    proc.send_signal(sig)
+                    time.sleep(0.05)
+                break
+        rest = proc.communicate(timeout=timeout)[1]
+    finally:
+        proc.kill()
+    return proc.returncode, "".join(seen) + rest
+
+
 def summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CONFIG, SMALL, metabolic, ok, summary, torchrun
+from helpers import CONFIG, SMALL, metabolic, ok, stop_when_logged, summary, torchrun
 from metabolic.data import DatasetMissingError, file_cache, image_cache, load_hf_split, pixel_stats
 from metabolic.data.file_cache import dataset_source
 from metabolic.data.hf import open_hf_split
@@ -331,31 +331,12 @@ def test_a_cache_dir_that_cannot_be_written_names_its_key(tmp_path, monkeypatch)
 def test_a_stop_signal_while_decoding_exits_for_a_resume(tmp_path):
     # SLURM's preemption notice during a long decode: exit 75, keeping the pieces decoded so far;
     # the run started again goes on from them and trains.
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from helpers import REPO, env
-
     data = save_images(tmp_path / "dd", sizes=(("train", 2000), ("test", 30)), side=96)
     out = tmp_path / "run"
     args = hf_args(out, data)
-    proc = subprocess.Popen([sys.executable, "-m", "metabolic", "train", *args], cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if "decoding the train split" in line:
-                proc.send_signal(signal.SIGUSR1)
-                time.sleep(0.05)
-                break
-        rest = proc.communicate(timeout=120)[1]
-    finally:
-        proc.kill()
-    assert proc.returncode == 75, "".join(seen) + rest
-    assert "stopped while decoding the train split" in rest and "resume=true" in rest
+    code, err = stop_when_logged(args, "decoding the train split")
+    assert code == 75, err[-3000:]
+    assert "stopped while decoding the train split" in err and "resume=true" in err
     again = ok(metabolic("train", *args, "resume=true"))
     assert "decoded the train split" in again.stderr and summary(out)["step"] == 3
-    assert "decoded so far are kept" in rest and "where a stopped decode left off" in again.stderr
+    assert "decoded so far are kept" in err and "where a stopped decode left off" in again.stderr

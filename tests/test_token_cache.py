@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, metabolic, ok, summary, torchrun
+from helpers import REPO, metabolic, ok, stop_when_logged, summary, torchrun
 from metabolic.data import DatasetMissingError, file_cache, token_cache
 from metabolic.data.text import corpus_source, iter_documents, pack, shakespeare_files, split_train_val
 from metabolic.data.token_cache import TokenRows
@@ -284,11 +284,6 @@ def test_a_stop_signal_while_tokenizing_exits_for_a_resume(tmp_path, signals, to
     # tokenization or while BPE training reads the corpus: exit 75, leaving neither a partial file
     # nor a lock nor an empty run folder; the run started again prepares its data again.
     import signal
-    import subprocess
-    import sys
-    import time
-
-    from helpers import env
 
     corpus = tmp_path / "many"
     corpus.mkdir()
@@ -299,22 +294,9 @@ def test_a_stop_signal_while_tokenizing_exits_for_a_resume(tmp_path, signals, to
     args = lm_args(out, corpus, "data.limit=null", f"data.text.tokenizer={tokenizer}", "data.text.vocab_size=300")
     starts, stopped = (("tokenizing the files corpus", "stopped while tokenizing") if tokenizer == "byte" else
                        ("training a BPE tokenizer", "stopped while training the BPE tokenizer"))
-    proc = subprocess.Popen([sys.executable, "-m", "metabolic", "train", *args], cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if starts in line:
-                for name in signals.split():
-                    proc.send_signal(getattr(signal, f"SIG{name}"))
-                    time.sleep(0.05)
-                break
-        rest = proc.communicate(timeout=120)[1]
-    finally:
-        proc.kill()
-    assert proc.returncode == 75, "".join(seen) + rest
-    assert stopped in rest and "resume=true" in rest
+    code, err = stop_when_logged(args, starts, tuple(getattr(signal, f"SIG{name}") for name in signals.split()))
+    assert code == 75, err[-3000:]
+    assert stopped in err and "resume=true" in err
     assert not out.exists()  # nothing was written: no partial token file, no lock, no empty folders
     ok(metabolic("train", *args, "resume=true"))
     assert len(list((out / "tokens").glob("*.tokens"))) == 1 and summary(out)["step"] == 2
