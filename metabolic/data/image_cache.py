@@ -100,7 +100,7 @@ def build(folder: Path, key: str, ds, split: str, image_key: str = "image", labe
     if done:
         _check_space(folder, (len(ds) - n) * int(np.prod(sample_shape)), f"the {split} split of {describe}")
     pieces = decoded_chunks(ds, split, image_key, label_key, size=size, workers=threads, start=n, layout=layout)
-    start = n
+    start, safe = n, (n, top, stats.state())  # what a stop may keep: updated in one assignment per piece
     try:
         with open(tmp_images, "r+b" if done else "wb") as fi, open(tmp_labels, "r+b" if done else "wb") as fl, \
                 contextlib.closing(pieces):
@@ -116,6 +116,7 @@ def build(folder: Path, key: str, ds, split: str, image_key: str = "image", labe
                     top = max(top, int(piece.labels.max()))
                     if split == "train":
                         stats.add(torch.from_numpy(piece.images))
+                    safe = (n, top, stats.state())  # a second Ctrl-C may land between any two lines above
                     if progress.due():
                         rate = (n - start) / max(progress.seconds, 1e-9)
                         log(f"decoding the {split} split of {describe}: {n:,} of {len(ds):,} images ({rate:,.0f}/s)")
@@ -126,10 +127,11 @@ def build(folder: Path, key: str, ds, split: str, image_key: str = "image", labe
             except BaseException as err:
                 # What is written up to row n is right whatever stopped the decode (a stop, a second
                 # Ctrl-C, a full disk), unless the data cannot be decoded as configured at all.
-                if n > 0 and not isinstance(err, ConfigError):
+                rows, top_safe, stats_safe = safe
+                if rows > 0 and not isinstance(err, ConfigError):
                     with contextlib.suppress(Exception):
-                        _leave(folder, key, (fi, fl), (tmp_images, tmp_labels), n, sample_shape,
-                               {**source, "rows": n, "top": top, "layout": layout, "stats": stats.state()})
+                        _leave(folder, key, (fi, fl), (tmp_images, tmp_labels), rows, sample_shape,
+                               {**source, "rows": rows, "top": top_safe, "layout": layout, "stats": stats_safe})
                 raise
         file_cache.publish(tmp_labels, labels_path)
         file_cache.publish(tmp_images, images_path)
