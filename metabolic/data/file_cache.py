@@ -282,10 +282,20 @@ def writing(final: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_record(final: Path, record: dict) -> None:
-    """Write a JSON record, the last file of a build (its presence says the build finished)."""
-    with writing(final) as tmp:
+def write_record(final: Path, record: dict, replace: bool = False) -> None:
+    """Write a JSON record, the last file of a build (its presence says the build finished);
+    `replace`: an existing record is replaced (a progress record, newer than the one it replaces),
+    else kept (a finished build's)."""
+    if not replace:
+        with writing(final) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+        return
+    tmp = tmp_name(final)
+    try:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class Progress:

@@ -167,9 +167,7 @@ def _leave(folder: Path, key: str, files, tmps, rows: int, sample_shape, progres
     images, labels, record = part_paths(folder, key)
     os.replace(tmps[0], images)
     os.replace(tmps[1], labels)
-    tmp = file_cache.tmp_name(record)
-    tmp.write_text(json.dumps({"format": FORMAT, "sample_shape": list(sample_shape), **progress}) + "\n")
-    os.replace(tmp, record)  # the newest progress replaces an older record
+    write_record(record, {"format": FORMAT, "sample_shape": list(sample_shape), **progress}, replace=True)
 
 
 def _take_over(folder: Path, key: str, tmp_images: Path, tmp_labels: Path, source: dict) -> Optional[dict]:

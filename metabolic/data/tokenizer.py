@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-from metabolic.data.file_cache import Interrupted
+from metabolic.data.file_cache import Interrupted, tmp_name
 from metabolic.data.text import EOT
 from metabolic.engine.config import ConfigError
 
@@ -42,7 +41,7 @@ def _publish(write: Callable[[Path], object], target: Path) -> None:
     """Write a folder under a temporary name beside `target`, then rename it into place: a
     half-written tokenizer never passes for one. A target another process published first is kept."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = tmp_name(target)
     try:
         write(tmp)
         try:
